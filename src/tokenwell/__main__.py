@@ -1,0 +1,3 @@
+from tokenwell.cli import main
+
+main()

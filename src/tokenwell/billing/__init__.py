@@ -1,0 +1,1 @@
+"""Keys, prices, the spend ledger, budgets and rate limits."""

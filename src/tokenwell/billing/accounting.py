@@ -1,0 +1,323 @@
+"""Admission and settlement: who asked, may they, and what they owe.
+
+authenticate(bearer)        → KeyRecord                 401
+authorize(key, model)                                   403
+admit(key, prepared)        → Ticket                    429 rate / budget
+    rate limit: one request and the token estimate, atomically
+    ledger: the row is committed, and the worst case reserved, before any
+            token is generated (write-ahead)
+ticket.progress(meter)      journal line before the client sees tokens
+ticket.settle(meter, how)   exactly once: cost from the meter, row closed,
+                            reservation → spend, rate limit trued up
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from tokenwell.billing.journal import Journal
+from tokenwell.billing.keys import MASTER, KeyHasher, KeyRecord, KeyStore
+from tokenwell.billing.ledger import CloseRow, Ledger, LedgerUnavailable, OpenRow
+from tokenwell.billing.money import cost_nanos, nanos_to_usd, worst_case_nanos
+from tokenwell.billing.ratelimit import Decision, RateLimiter
+from tokenwell.config import Price
+from tokenwell.engines.base import Prepared
+from tokenwell.errors import (
+    AuthenticationFailed,
+    InsufficientQuota,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+)
+from tokenwell.protocol.events import Meter
+
+log = logging.getLogger(__name__)
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def bearer_token(header: str | None) -> str:
+    if not header:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        )
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise AuthenticationFailed(
+            "Malformed Authorization header: expected 'Bearer YOUR_KEY'.",
+        )
+    return token
+
+
+def _masked(token: str) -> str:
+    if len(token) <= 8:
+        return "*" * len(token)
+    return f"{token[:6]}{'*' * 6}{token[-4:]}"
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted request: its ledger row is open until ``settle``."""
+
+    accounting: Accounting
+    request_id: str
+    key: KeyRecord
+    model: str
+    price: Price
+    reserved_nanos: int
+    token_estimate: int
+    headers: dict[str, str] = field(default_factory=dict)
+    settled: bool = False
+    opened_at: float = field(default_factory=time.perf_counter)
+
+    def progress(self, meter: Meter) -> None:
+        journal = self.accounting.journal
+        if journal is not None:
+            journal.record(
+                self.request_id, meter.prompt_tokens, meter.cached_tokens, meter.completion_tokens
+            )
+
+    async def settle(
+        self,
+        meter: Meter,
+        status: str,
+        *,
+        queue_ms: float | None = None,
+        ttft_ms: float | None = None,
+        total_ms: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        await self.accounting._settle(self, meter, status, queue_ms, ttft_ms, total_ms, error)
+
+
+class Accounting:
+    def __init__(
+        self,
+        keys: KeyStore,
+        ledger: Ledger,
+        limiter: RateLimiter,
+        master_key: str,
+        instance: str,
+        prices: dict[str, Price],
+        journal: Journal | None = None,
+    ) -> None:
+        self.keys = keys
+        self.ledger = ledger
+        self.limiter = limiter
+        self.instance = instance
+        self.prices = prices
+        self.journal = journal
+        self._master_hash = keys.hasher.hash(master_key)
+        self.hasher: KeyHasher = keys.hasher
+
+    # ------------------------------------------------------------------ who
+
+    async def authenticate(self, header: str | None) -> KeyRecord:
+        token = bearer_token(header)
+        if self.hasher.same(self.hasher.hash(token), self._master_hash):
+            return MASTER
+        record = await self.keys.lookup(token)
+        if record is None:
+            raise AuthenticationFailed(f"Incorrect API key provided: {_masked(token)}.")
+        state = record.state()
+        if state != "active":
+            raise AuthenticationFailed(
+                f"The API key {record.prefix}… is {state}.", code=f"key_{state}"
+            )
+        return record
+
+    @staticmethod
+    def authorize(key: KeyRecord, model: str) -> None:
+        if not key.allows(model):
+            raise PermissionDenied(
+                f"This API key may not use the model `{model}`.",
+                param="model",
+                code="model_not_allowed",
+            )
+
+    # ------------------------------------------------------------------ admit
+
+    async def admit(self, key: KeyRecord, prepared: Prepared) -> Ticket:
+        request = prepared.request
+        price = self.prices.get(request.model, Price())
+        request_id = new_request_id()
+        asked = request.max_tokens or 0
+        estimate = prepared.prompt_tokens + request.n * asked
+        decision: Decision | None = None
+        if key.rpm or key.tpm:
+            if key.tpm and estimate > key.tpm:
+                await self._reject(key, prepared, request_id, "tpm: request too large")
+                raise RateLimited(
+                    f"Request too large for `{request.model}`: this key allows {key.tpm} tokens "
+                    f"per minute, the request needs {estimate}. Reduce the prompt or "
+                    "max_completion_tokens.",
+                    code="rate_limit_exceeded",
+                    headers={"x-request-id": request_id},
+                )
+            decision = await self.limiter.acquire(key.id, key.rpm, key.tpm, estimate)
+            if not decision.allowed:
+                await self._reject(key, prepared, request_id, "rate limited")
+                retry = max(1, int(decision.retry_after + 0.999))
+                what = "requests" if key.rpm and (decision.requests_left or 0) < 1 else "tokens"
+                limit = key.rpm if what == "requests" else key.tpm
+                raise RateLimited(
+                    f"Rate limit reached for this key on {what} per minute: limit {limit}. "
+                    f"Please try again in {decision.retry_after:.2f}s.",
+                    headers={
+                        "Retry-After": str(retry),
+                        "x-request-id": request_id,
+                        **decision.headers(),
+                    },
+                )
+        reserve = worst_case_nanos(
+            price, prepared.prompt_tokens, request.n * prepared.max_completion_tokens
+        )
+        row = OpenRow(
+            id=request_id,
+            key_id=key.id,
+            model=request.model,
+            stream=request.stream,
+            include_usage=request.include_usage,
+            n=request.n,
+            prompt_tokens=prepared.prompt_tokens,
+            reserved_nanos=reserve,
+            instance=self.instance,
+            user=request.user,
+        )
+        try:
+            admission = await self.ledger.open(row)
+        except LedgerUnavailable as exc:
+            await self._refund(key, estimate)
+            raise Overloaded(
+                "The usage ledger is unavailable; the request was not started.",
+                headers={"Retry-After": "2"},
+            ) from exc
+        if not admission.ok:
+            await self._refund(key, estimate)
+            if admission.reason in ("revoked", "expired", "missing"):
+                self.keys.forget(key)
+                raise AuthenticationFailed(f"The API key {key.prefix}… is {admission.reason}.")
+            available = nanos_to_usd(admission.available_nanos or 0)
+            raise InsufficientQuota(
+                f"You exceeded your current quota: this request may cost up to "
+                f"${nanos_to_usd(reserve)} and the key has ${available} left of its "
+                f"${nanos_to_usd(admission.budget_nanos or 0)} budget. Lower "
+                "max_completion_tokens or raise the key's budget.",
+                headers={"x-request-id": request_id},
+            )
+        headers = {"x-request-id": request_id}
+        if decision is not None:
+            headers.update(decision.headers())
+        return Ticket(self, request_id, key, request.model, price, reserve, estimate, headers)
+
+    async def _reject(self, key: KeyRecord, prepared: Prepared, request_id: str, why: str) -> None:
+        request = prepared.request
+        row = OpenRow(
+            id=request_id,
+            key_id=key.id,
+            model=request.model,
+            stream=request.stream,
+            include_usage=request.include_usage,
+            n=request.n,
+            prompt_tokens=0,
+            reserved_nanos=0,
+            instance=self.instance,
+            user=request.user,
+            check_key=False,
+            status="rejected",
+            error=why,
+        )
+        try:
+            await self.ledger.open(row)
+        except LedgerUnavailable:
+            log.warning("could not record rejected request %s", request_id)
+
+    async def _refund(self, key: KeyRecord, tokens: int) -> None:
+        if key.tpm and tokens:
+            await self.limiter.adjust(key.id, key.tpm, -tokens)
+
+    # ------------------------------------------------------------------ settle
+
+    async def _settle(
+        self,
+        ticket: Ticket,
+        meter: Meter,
+        status: str,
+        queue_ms: float | None,
+        ttft_ms: float | None,
+        total_ms: float | None,
+        error: str | None,
+    ) -> None:
+        if status == "rejected":
+            prompt = cached = completion = 0
+        else:
+            prompt, cached, completion = (
+                meter.prompt_tokens,
+                meter.cached_tokens,
+                meter.completion_tokens,
+            )
+        cost = cost_nanos(ticket.price, prompt, cached, completion)
+        row = CloseRow(
+            id=ticket.request_id,
+            key_id=ticket.key.id,
+            status=status,
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=completion,
+            cost_nanos=cost,
+            reserved_nanos=ticket.reserved_nanos,
+            estimated=meter.estimated,
+            queue_ms=queue_ms,
+            ttft_ms=ttft_ms,
+            total_ms=total_ms,
+            error=error,
+        )
+        try:
+            await self.ledger.close(row)
+        finally:
+            if self.journal is not None:
+                self.journal.forget(ticket.request_id)
+        used = prompt + completion
+        if ticket.key.tpm:
+            await self.limiter.adjust(ticket.key.id, ticket.key.tpm, used - ticket.token_estimate)
+
+    # ------------------------------------------------------------------ recovery
+
+    async def recover(self, journal_entries: dict[str, tuple[int, int, int]]) -> int:
+        """Close this instance's rows left open by a crash, as ``interrupted``.
+
+        Each is billed with the last usage its journal recorded (the prompt
+        alone when it never reached a token), and its reservation released.
+        """
+        rows = await self.ledger.open_rows(self.instance)
+        for row in rows:
+            prompt, cached, completion = journal_entries.get(row.id, (row.prompt_tokens, 0, 0))
+            price = self.prices.get(row.model, Price())
+            await self.ledger.close(
+                CloseRow(
+                    id=row.id,
+                    key_id=row.key_id,
+                    status="interrupted",
+                    prompt_tokens=prompt,
+                    cached_tokens=cached,
+                    completion_tokens=completion,
+                    cost_nanos=cost_nanos(price, prompt, cached, completion),
+                    reserved_nanos=row.reserved_nanos,
+                    total_ms=max(time.time() - row.created_at, 0) * 1000,
+                    error="the server stopped while the request was in flight",
+                )
+            )
+        return len(rows)
+
+    async def close(self) -> None:
+        await self.limiter.close()

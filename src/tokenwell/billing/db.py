@@ -1,0 +1,169 @@
+"""The database: tables, the async engine, and migrations.
+
+One code path for SQLite (the default, a file in the data directory, WAL)
+and PostgreSQL (``postgresql://…``): SQLAlchemy Core over aiosqlite or
+asyncpg, with Alembic migrations applied at start-up. Times are UNIX seconds
+(floats) and each ledger row carries its UTC day, so reports group the same
+way on both databases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    false,
+    text,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from tokenwell.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+metadata = MetaData()
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("key_prefix", String(24), nullable=False),
+    Column("budget_nanos", BigInteger, nullable=True),
+    Column("spent_nanos", BigInteger, nullable=False, server_default="0"),
+    Column("reserved_nanos", BigInteger, nullable=False, server_default="0"),
+    Column("rpm", Integer, nullable=True),
+    Column("tpm", Integer, nullable=True),
+    Column("models", JSON, nullable=True),
+    Column("expires_at", Float, nullable=True),
+    Column("revoked_at", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(40), nullable=False),
+    Column("model", String(200), nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Column("include_usage", Boolean, nullable=False),
+    Column("n", Integer, nullable=False, server_default="1"),
+    Column("status", String(24), nullable=False),
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    Column("reserved_nanos", BigInteger, nullable=False, server_default="0"),
+    Column("cost_nanos", BigInteger, nullable=False, server_default="0"),
+    Column("estimated", Boolean, nullable=False, server_default=false()),
+    Column("queue_ms", Float, nullable=True),
+    Column("ttft_ms", Float, nullable=True),
+    Column("total_ms", Float, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("closed_at", Float, nullable=True),
+    Column("day", String(10), nullable=False),
+    Column("instance", String(64), nullable=False),
+    Column("user", String(256), nullable=True),
+    Column("error", Text, nullable=True),
+    Index("ix_requests_key_day", "key_id", "day"),
+    Index("ix_requests_instance_status", "instance", "status"),
+)
+
+
+def async_url(url: str) -> str:
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return str(parsed.set(drivername="sqlite+aiosqlite"))
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise ConfigError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL: a commit survives a crash of the process (kill -9); only a
+    # power loss can take the last commits back.
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "postgres":
+            self.dialect = "postgresql"
+        self.sqlite_path: Path | None = None
+        kwargs: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            if not parsed.database or parsed.database == ":memory:":
+                raise ConfigError("the SQLite ledger needs a file, not :memory:")
+            self.sqlite_path = Path(parsed.database).expanduser()
+            self.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
+        if self.dialect == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        """Bring the schema to the newest revision (safe with several processes)."""
+        with self._migration_lock_file():
+            async with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    # One replica migrates; the others wait, then find it done.
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(7318004)"))
+                await conn.run_sync(_upgrade)
+
+    @contextlib.contextmanager
+    def _migration_lock_file(self) -> Iterator[None]:
+        if self.sqlite_path is None:
+            yield
+            return
+        lock = self.sqlite_path.with_name(self.sqlite_path.name + ".migrate-lock")
+        with lock.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", "tokenwell.billing:migrations")
+    return cfg
+
+
+def _upgrade(connection: Connection) -> None:
+    cfg = alembic_config()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")

@@ -1,0 +1,296 @@
+"""API keys: created, listed, updated, revoked; stored only as a keyed hash.
+
+A secret is ``tw-`` and 43 URL-safe characters. The database holds
+HMAC-SHA256(server secret, key) and a short display prefix; the secret itself
+is shown once, at creation, and never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import insert, select, update
+
+from tokenwell.billing.db import Database, api_keys
+from tokenwell.billing.money import nanos_to_usd, usd_to_nanos
+from tokenwell.errors import InvalidRequest, NotFound
+from tokenwell.protocol.validation import first_error
+
+KEY_PREFIX = "tw-"
+MASTER_ID = "master"
+
+
+def new_secret() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class KeyHasher:
+    def __init__(self, secret: str) -> None:
+        self._secret = secret.encode()
+
+    def hash(self, key: str) -> str:
+        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+
+    @staticmethod
+    def same(a: str, b: str) -> bool:
+        return hmac.compare_digest(a.encode(), b.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    name: str
+    prefix: str
+    budget_nanos: int | None = None
+    spent_nanos: int = 0
+    reserved_nanos: int = 0
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] | None = None
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    created_at: float = 0.0
+    key_hash: str = ""
+
+    @property
+    def is_master(self) -> bool:
+        return self.id == MASTER_ID
+
+    def state(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def public(self) -> dict[str, Any]:
+        remaining = (
+            None
+            if self.budget_nanos is None
+            else nanos_to_usd(max(self.budget_nanos - self.spent_nanos - self.reserved_nanos, 0))
+        )
+        return {
+            "id": self.id,
+            "object": "api_key",
+            "name": self.name,
+            "prefix": self.prefix,
+            "budget_usd": None if self.budget_nanos is None else nanos_to_usd(self.budget_nanos),
+            "spend_usd": nanos_to_usd(self.spent_nanos),
+            "reserved_usd": nanos_to_usd(self.reserved_nanos),
+            "remaining_usd": remaining,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "models": list(self.models) if self.models is not None else None,
+            "expires_at": _iso(self.expires_at),
+            "revoked_at": _iso(self.revoked_at),
+            "created_at": _iso(self.created_at),
+            "status": self.state(),
+        }
+
+
+MASTER = KeyRecord(id=MASTER_ID, name="master", prefix="master")
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def parse_when(value: str | datetime | date | None) -> float | None:
+    """An ISO date or datetime (UTC when no zone is given) → UNIX seconds."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"expected an ISO date or datetime, got {text!r}") from exc
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+class KeyFields(BaseModel):
+    """What a client may set on a key (``POST``/``PATCH /admin/keys``, the CLI)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=21, decimal_places=9)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    models: list[str] | None = None
+    expires_at: str | datetime | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(not m for m in value):
+            raise ValueError("model names cannot be empty")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _expires(cls, value: str | datetime | None) -> str | datetime | None:
+        parse_when(value)
+        return value
+
+
+def parse_key_fields(data: Any, *, creating: bool) -> tuple[KeyFields, set[str]]:
+    if not isinstance(data, dict):
+        raise InvalidRequest("Invalid request body: expected a JSON object.", code="invalid_type")
+    try:
+        fields = KeyFields.model_validate(data)
+    except ValidationError as exc:
+        raise first_error(exc) from exc
+    if creating and not fields.name:
+        raise InvalidRequest(
+            "Missing required parameter: 'name'.", param="name", code="missing_required_parameter"
+        )
+    return fields, set(data)
+
+
+def _columns(fields: KeyFields, given: set[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if "name" in given and fields.name is not None:
+        values["name"] = fields.name
+    if "budget_usd" in given:
+        values["budget_nanos"] = (
+            None if fields.budget_usd is None else usd_to_nanos(fields.budget_usd)
+        )
+    if "rpm" in given:
+        values["rpm"] = fields.rpm
+    if "tpm" in given:
+        values["tpm"] = fields.tpm
+    if "models" in given:
+        values["models"] = fields.models
+    if "expires_at" in given:
+        values["expires_at"] = parse_when(fields.expires_at)
+    return values
+
+
+def _record(row: Any) -> KeyRecord:
+    models = row.models
+    return KeyRecord(
+        id=row.id,
+        name=row.name,
+        prefix=row.key_prefix,
+        budget_nanos=row.budget_nanos,
+        spent_nanos=row.spent_nanos,
+        reserved_nanos=row.reserved_nanos,
+        rpm=row.rpm,
+        tpm=row.tpm,
+        models=tuple(models) if models is not None else None,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        created_at=row.created_at,
+        key_hash=row.key_hash,
+    )
+
+
+class KeyStore:
+    """Keys in the database, with a short-lived lookup cache.
+
+    The cache only speeds up authentication; whether a key is revoked, expired
+    or over budget is checked again, atomically, when the request's ledger row
+    is written, so a revoked key is refused at once on every replica.
+    """
+
+    def __init__(self, db: Database, hasher: KeyHasher, cache_seconds: float = 2.0) -> None:
+        self.db = db
+        self.hasher = hasher
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    async def create(self, fields: KeyFields, given: set[str]) -> tuple[str, KeyRecord]:
+        secret = new_secret()
+        values = _columns(fields, given)
+        values.update(
+            id="key_" + secrets.token_hex(8),
+            key_hash=self.hasher.hash(secret),
+            key_prefix=secret[:10],
+            created_at=time.time(),
+        )
+        async with self.db.engine.begin() as conn:
+            await conn.execute(insert(api_keys).values(**values))
+        return secret, await self.get(values["id"])
+
+    async def list(self, include_revoked: bool = True) -> list[KeyRecord]:
+        query = select(api_keys).order_by(api_keys.c.created_at)
+        if not include_revoked:
+            query = query.where(api_keys.c.revoked_at.is_(None))
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_record(r) for r in rows]
+
+    async def get(self, key_id: str) -> KeyRecord:
+        async with self.db.engine.connect() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        if row is None:
+            raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+        return _record(row)
+
+    async def update(self, key_id: str, fields: KeyFields, given: set[str]) -> KeyRecord:
+        values = _columns(fields, given)
+        if values:
+            async with self.db.engine.begin() as conn:
+                result = await conn.execute(
+                    update(api_keys).where(api_keys.c.id == key_id).values(**values)
+                )
+            if result.rowcount == 0:
+                raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+        record = await self.get(key_id)
+        self._cache.pop(record.key_hash, None)
+        return record
+
+    async def revoke(self, key_id: str) -> KeyRecord:
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+        record = await self.get(key_id)  # NotFound for an unknown id
+        if result.rowcount == 0 and record.revoked_at is None:  # pragma: no cover - raced
+            raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+        self._cache.pop(record.key_hash, None)
+        return record
+
+    async def lookup(self, secret: str) -> KeyRecord | None:
+        digest = self.hasher.hash(secret)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and now - hit[0] < self.cache_seconds:
+            return hit[1]
+        async with self.db.engine.connect() as conn:
+            row = (
+                await conn.execute(select(api_keys).where(api_keys.c.key_hash == digest))
+            ).first()
+        record = _record(row) if row is not None else None
+        if record is not None and not self.hasher.same(record.key_hash, digest):
+            record = None  # pragma: no cover - the index matched, this cannot differ
+        if len(self._cache) > 10_000:
+            self._cache.clear()
+        self._cache[digest] = (now, record)
+        return record
+
+    def forget(self, record: KeyRecord) -> None:
+        self._cache.pop(record.key_hash, None)
+
+    @staticmethod
+    def with_spend(record: KeyRecord, spent: int, reserved: int) -> KeyRecord:
+        return replace(record, spent_nanos=spent, reserved_nanos=reserved)

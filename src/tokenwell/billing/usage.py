@@ -1,0 +1,123 @@
+"""Reading spend back: a key's own totals, and the operator's report."""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Any
+
+from sqlalchemy import func, select
+
+from tokenwell.billing.db import Database, requests
+from tokenwell.billing.keys import KeyRecord
+from tokenwell.billing.money import nanos_to_usd
+from tokenwell.errors import InvalidRequest
+
+GROUPS = {"key": requests.c.key_id, "model": requests.c.model, "day": requests.c.day}
+
+_billed = requests.c.status.not_in(("open", "rejected"))
+
+
+def _sums() -> list[Any]:
+    c = requests.c
+    return [
+        func.count().label("requests"),
+        func.coalesce(func.sum(c.prompt_tokens), 0).label("prompt_tokens"),
+        func.coalesce(func.sum(c.cached_tokens), 0).label("cached_tokens"),
+        func.coalesce(func.sum(c.completion_tokens), 0).label("completion_tokens"),
+        func.coalesce(func.sum(c.cost_nanos), 0).label("cost_nanos"),
+    ]
+
+
+async def key_usage(db: Database, key: KeyRecord) -> dict[str, Any]:
+    query = select(*_sums()).where(requests.c.key_id == key.id, _billed)
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(query)).one()
+        in_flight = (
+            await conn.execute(
+                select(func.count()).where(requests.c.key_id == key.id, requests.c.status == "open")
+            )
+        ).scalar_one()
+    spent = key.spent_nanos if not key.is_master else int(row.cost_nanos)
+    remaining = (
+        None
+        if key.budget_nanos is None
+        else nanos_to_usd(max(key.budget_nanos - key.spent_nanos - key.reserved_nanos, 0))
+    )
+    return {
+        "object": "usage",
+        "key_id": key.id,
+        "name": key.name,
+        "requests": int(row.requests),
+        "in_flight": int(in_flight),
+        "prompt_tokens": int(row.prompt_tokens),
+        "cached_tokens": int(row.cached_tokens),
+        "completion_tokens": int(row.completion_tokens),
+        "total_tokens": int(row.prompt_tokens) + int(row.completion_tokens),
+        "spend_usd": nanos_to_usd(spent),
+        "reserved_usd": nanos_to_usd(key.reserved_nanos),
+        "budget_usd": None if key.budget_nanos is None else nanos_to_usd(key.budget_nanos),
+        "remaining_usd": remaining,
+    }
+
+
+def parse_group_by(value: str | None) -> list[str]:
+    names = [g.strip() for g in (value or "key,model,day").split(",") if g.strip()]
+    for name in names:
+        if name not in GROUPS:
+            raise InvalidRequest(
+                f"Invalid 'group_by': {name!r}. Supported values are: key, model, day.",
+                param="group_by",
+                code="invalid_value",
+            )
+    return list(dict.fromkeys(names))
+
+
+def parse_day(value: str | None, param: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value).isoformat()
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"Invalid '{param}': expected a date like 2026-01-31, got {value!r}.",
+            param=param,
+            code="invalid_value",
+        ) from exc
+
+
+async def usage_report(
+    db: Database,
+    group_by: list[str],
+    since: str | None = None,
+    until: str | None = None,
+    key_id: str | None = None,
+    model: str | None = None,
+) -> list[dict[str, Any]]:
+    columns = [GROUPS[g].label(g) for g in group_by]
+    query = select(*columns, *_sums()).where(_billed)
+    if since:
+        query = query.where(requests.c.day >= since)
+    if until:
+        query = query.where(requests.c.day <= until)
+    if key_id:
+        query = query.where(requests.c.key_id == key_id)
+    if model:
+        query = query.where(requests.c.model == model)
+    if columns:
+        query = query.group_by(*[GROUPS[g] for g in group_by]).order_by(
+            *[GROUPS[g] for g in group_by]
+        )
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(query)).all()
+    report = []
+    for row in rows:
+        item = {g: getattr(row, g) for g in group_by}
+        item.update(
+            requests=int(row.requests),
+            prompt_tokens=int(row.prompt_tokens),
+            cached_tokens=int(row.cached_tokens),
+            completion_tokens=int(row.completion_tokens),
+            spend_usd=nanos_to_usd(int(row.cost_nanos)),
+        )
+        report.append(item)
+    return report

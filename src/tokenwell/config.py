@@ -1,0 +1,169 @@
+"""Settings: a TOML file, then ``TOKENWELL_*`` environment variables on top.
+
+```toml
+master_key = "..."            # or TOKENWELL_MASTER_KEY
+data_dir = "~/.local/share/tokenwell"
+
+[database]
+url = "sqlite:///./tokenwell.db"   # or postgresql://user@host/db
+
+[redis]
+url = "redis://127.0.0.1:6379/0"   # optional: shared limits for many replicas
+
+[[models]]
+name = "SmolLM2-135M-Instruct"
+engine = "llamacpp"                # engine settings sit beside name and engine
+parallel = 8
+price = { prompt = 0.10, cached_prompt = 0.05, completion = 0.30 }
+```
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tokenwell.errors import ConfigError
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+class Price(BaseModel):
+    """USD per million tokens. Decimal, so that no float reaches a bill."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Decimal = Decimal(0)
+    cached_prompt: Decimal | None = None
+    completion: Decimal = Decimal(0)
+
+    @field_validator("prompt", "cached_prompt", "completion")
+    @classmethod
+    def _not_negative(cls, value: Decimal | None) -> Decimal | None:
+        if value is not None and value < 0:
+            raise ValueError("prices cannot be negative")
+        return value
+
+
+class ModelConfig(BaseModel):
+    """One ``[[models]]`` table. Keys other than these belong to the engine."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    engine: str = "llamacpp"
+    price: Price = Field(default_factory=Price)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DatabaseConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+    # Ledger writes are group-committed: a batch closes after this long or this many rows.
+    batch_window_ms: float = Field(default=2.0, ge=0)
+    batch_max_rows: int = Field(default=256, ge=1)
+
+
+class RedisConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = None
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    master_key: str | None = None
+    # Keys are stored as HMAC-SHA256(secret, key); generated into data_dir when unset.
+    key_secret: str | None = None
+    data_dir: Path = Path("~/.local/share/tokenwell")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    keepalive_seconds: float = Field(default=5.0, gt=0)
+    log_level: str = "info"
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(name=DEFAULT_MODEL, engine="llamacpp")]
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique, repeated: {', '.join(dupes)}")
+        if not models:
+            raise ValueError("at least one [[models]] table is needed")
+        return models
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir.expanduser()
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.data_path / 'tokenwell.db'}"
+
+
+# Environment variables that override the file, and where they land.
+_ENV = {
+    "TOKENWELL_HOST": ("host",),
+    "TOKENWELL_PORT": ("port",),
+    "TOKENWELL_MASTER_KEY": ("master_key",),
+    "TOKENWELL_KEY_SECRET": ("key_secret",),
+    "TOKENWELL_DATA_DIR": ("data_dir",),
+    "TOKENWELL_LOG_LEVEL": ("log_level",),
+    "TOKENWELL_DATABASE_URL": ("database", "url"),
+    "TOKENWELL_REDIS_URL": ("redis", "url"),
+}
+
+
+def load_settings(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read ``path`` (or ``$TOKENWELL_CONFIG``), apply the environment, then overrides."""
+    env = os.environ if env is None else env
+    path = path or env.get("TOKENWELL_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        file = Path(path).expanduser()
+        try:
+            data = tomllib.loads(file.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {file}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    for var, where in _ENV.items():
+        if env.get(var):
+            target = data
+            for key in where[:-1]:
+                target = target.setdefault(key, {})
+            target[where[-1]] = env[var]
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

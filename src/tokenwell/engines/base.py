@@ -1,0 +1,177 @@
+"""The engine contract: what every backend of a served model provides.
+
+An engine turns a validated ``ChatRequest`` into a ``Generation``: a stream
+of events the server renders, and a ``Meter`` the request owns. Billing reads
+the meter, so a request that ends early is billed for exactly what was made.
+
+    prepare(request)  -> Prepared     checks that need the model (context length);
+                                      raises APIError before the first byte
+    submit(prepared)  -> Generation   queues the work; raises Overloaded when full
+    generation.next_batch(timeout)    events as they come, [] on timeout
+    generation.cancel()               stop generating (client went away)
+    await generation.closed()         the engine let go: the meter is final
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from tokenwell.config import ModelConfig
+from tokenwell.protocol.events import Event, Failed, Finish, Meter
+from tokenwell.protocol.requests import ChatRequest
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request the engine has accepted as fitting the model."""
+
+    request: ChatRequest
+    prompt_tokens: int
+    # The most completion tokens one choice can produce (max_tokens, or what the
+    # context leaves): budgets reserve for this worst case.
+    max_completion_tokens: int
+    payload: Any = None
+
+
+class Generation:
+    """One request's events, fed by an engine, read by the server.
+
+    Engines call ``push`` (from the event loop) and ``close`` when they have let
+    go of the request; after ``close`` the meter no longer changes.
+    """
+
+    def __init__(self, n: int, meter: Meter | None = None) -> None:
+        self.meter = meter or Meter()
+        self.n = n
+        self.finished: dict[int, str] = {}
+        self.failure: Failed | None = None
+        self.cancelled = False
+        self.first_token_at: float | None = None
+        self.started_at: float | None = None
+        self._items: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = asyncio.Event()
+        self._on_cancel: list[Any] = []
+
+    # -- engine side
+    def push(self, events: list[Event] | tuple[Event, ...]) -> None:
+        for event in events:
+            if isinstance(event, Finish):
+                self.finished[event.choice] = event.reason
+            elif isinstance(event, Failed):
+                self.failure = event
+        self._items.extend(events)
+        self._wake()
+
+    def close(self) -> None:
+        """The engine is done with this request; the meter is final."""
+        if not self._closed.is_set():
+            self._closed.set()
+            self._wake()
+
+    def on_cancel(self, callback: Any) -> None:
+        self._on_cancel.append(callback)
+
+    # -- server side
+    @property
+    def done(self) -> bool:
+        """All events are in: every choice finished, or the generation failed."""
+        return self.failure is not None or len(self.finished) >= self.n
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def next_batch(self, timeout: float | None = None) -> list[Event]:
+        """Every event available now; waits up to ``timeout`` for one. [] at the end."""
+        if not self._items and not self._closed.is_set():
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            handle = loop.call_later(timeout, _resolve, waiter) if timeout is not None else None
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if handle is not None:
+                    handle.cancel()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    @property
+    def exhausted(self) -> bool:
+        return self._closed.is_set() and not self._items
+
+    def cancel(self) -> None:
+        if self.cancelled or self._closed.is_set():
+            return
+        self.cancelled = True
+        for callback in self._on_cancel:
+            callback()
+
+    async def closed(self) -> None:
+        await self._closed.wait()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+@dataclass(slots=True)
+class ModelCard:
+    id: str
+    owned_by: str = "tokenwell"
+    created: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    """A served model. Subclasses register under ``tokenwell.engines`` entry points."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+
+    @property
+    def model_id(self) -> str:
+        return self.config.name
+
+    @property
+    def system_fingerprint(self) -> str:
+        return "fp_tokenwell"
+
+    def card(self) -> ModelCard:
+        return ModelCard(self.model_id)
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load and get ready; runs in the app's lifespan."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Let go of everything; in-flight generations are closed."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool: ...
+
+    @abstractmethod
+    def prepare(self, request: ChatRequest) -> Prepared: ...
+
+    @abstractmethod
+    def submit(self, prepared: Prepared) -> Generation: ...
+
+    def stats(self) -> dict[str, Any]:
+        """Numbers for /health and /metrics (queue depth, running sequences…)."""
+        return {}

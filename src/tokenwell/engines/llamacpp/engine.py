@@ -1,0 +1,165 @@
+"""The embedded engine: a GGUF model served in-process by llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from tokenwell.config import ModelConfig
+from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
+from tokenwell.engines.llamacpp.model import Model, builtin_model_path
+from tokenwell.engines.llamacpp.prompt import render_prompt
+from tokenwell.engines.llamacpp.sampling import SamplingParams, seed32
+from tokenwell.engines.llamacpp.scheduler import Job, Scheduler
+from tokenwell.engines.llamacpp.settings import parse_settings
+from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from tokenwell.protocol.requests import ChatRequest
+
+log = logging.getLogger(__name__)
+
+
+class LlamaCppEngine(Engine):
+    kind = "llamacpp"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.settings = parse_settings(config.name, config.options)
+        self.path = self.settings.path.expanduser() if self.settings.path else builtin_model_path()
+        self.model: Model | None = None
+        self.scheduler: Scheduler | None = None
+        self._created = int(time.time())
+
+    async def start(self) -> None:
+        self.model = await asyncio.to_thread(Model, self.path)
+        scheduler = Scheduler(self.model, self.settings, asyncio.get_running_loop())
+        await asyncio.to_thread(scheduler.start)
+        self.scheduler = scheduler
+        log.info(
+            "%s ready: %s, %d slots x %d tokens",
+            self.model_id,
+            self.path.name,
+            self.settings.parallel,
+            scheduler.n_ctx_slot,
+        )
+
+    async def stop(self) -> None:
+        scheduler, self.scheduler = self.scheduler, None
+        if scheduler is not None:
+            await asyncio.to_thread(scheduler.stop)
+        if self.model is not None:
+            self.model.free()
+            self.model = None
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    @property
+    def system_fingerprint(self) -> str:
+        return self.model.fingerprint if self.model else "fp_tokenwell"
+
+    def card(self) -> ModelCard:
+        meta: dict[str, Any] = {"engine": self.kind, "context_length": self.settings.context}
+        return ModelCard(self.model_id, created=self._created, meta=meta)
+
+    def _loaded(self) -> tuple[Model, Scheduler]:
+        if self.model is None or self.scheduler is None:
+            raise Overloaded(
+                f"The model `{self.model_id}` is still loading; try again shortly.",
+                headers={"Retry-After": "1"},
+            )
+        return self.model, self.scheduler
+
+    def prepare(self, request: ChatRequest) -> Prepared:
+        model, scheduler = self._loaded()
+        if request.n > self.settings.parallel:
+            raise InvalidRequest(
+                f"Invalid 'n': this model runs at most {self.settings.parallel} choices "
+                f"at once, got {request.n}.",
+                param="n",
+                code="integer_above_max_value",
+            )
+        for token in request.logit_bias:
+            if token >= model.n_vocab:
+                raise InvalidRequest(
+                    f"Invalid 'logit_bias': token id {token} is not in the vocabulary "
+                    f"(0..{model.n_vocab - 1}).",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+        rendered = render_prompt(model, request)
+        prompt = model.tokenize(rendered.text)
+        limit = scheduler.n_ctx_slot
+        if len(prompt) >= limit:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your "
+                f"messages resulted in {len(prompt)} tokens. Please reduce the length of "
+                "the messages.",
+                param="messages",
+            )
+        room = limit - len(prompt)
+        if request.max_tokens is not None and request.max_tokens > room:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {len(prompt) + request.max_tokens} tokens ({len(prompt)} in the "
+                f"messages, {request.max_tokens} in the completion). Please reduce the "
+                "length of the messages or completion.",
+                param="messages",
+            )
+        max_tokens = request.max_tokens or room
+        return Prepared(request, len(prompt), max_tokens, payload=(prompt, rendered))
+
+    def submit(self, prepared: Prepared) -> Generation:
+        _, scheduler = self._loaded()
+        if scheduler.queued >= self.settings.max_queue:
+            raise Overloaded(
+                f"The model `{self.model_id}` is at capacity "
+                f"({self.settings.parallel} running, {scheduler.queued} waiting). "
+                "Retry after a short wait.",
+                headers={"Retry-After": "1"},
+            )
+        request = prepared.request
+        prompt, rendered = prepared.payload
+        sampling = [
+            SamplingParams(
+                temperature=request.temperature,
+                top_p=request.top_p,
+                presence_penalty=request.presence_penalty,
+                frequency_penalty=request.frequency_penalty,
+                seed=seed32(request.seed, choice),
+                logit_bias=tuple(request.logit_bias.items()),
+                grammar=rendered.grammar,
+            )
+            for choice in range(request.n)
+        ]
+        # The meter counts the prompt once a slot starts on it: a request
+        # cancelled while it waits is billed nothing.
+        generation = Generation(request.n)
+        job = Job(
+            generation=generation,
+            prompt=prompt,
+            n=request.n,
+            max_tokens=prepared.max_completion_tokens,
+            stops=request.stop,
+            sampling=sampling,
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
+        )
+        scheduler.submit(job)
+        return generation
+
+    def stats(self) -> dict[str, Any]:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return {"state": "loading"}
+        busy = sum(1 for slot in scheduler.slots if slot.busy)
+        return {
+            "state": "ready",
+            "slots": len(scheduler.slots),
+            "busy_slots": busy,
+            "queued": scheduler.queued,
+            "steps": scheduler.steps,
+            "tokens_generated": scheduler.tokens_generated,
+        }

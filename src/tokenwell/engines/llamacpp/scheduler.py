@@ -1,0 +1,443 @@
+"""Continuous batching: many sequences share one llama.cpp context.
+
+One dedicated thread owns the context (llama.cpp keeps an OpenMP thread team
+per calling thread; decoding from changing threads was measured ~3x slower).
+Each step it builds one batch of
+  - one token for every generating sequence, then
+  - chunks of waiting prompts, up to the batch budget,
+decodes it once (ctypes releases the GIL, so the event loop runs meanwhile),
+samples every sequence at its batch index with its own sampler chain, and
+hands the step's events to the event loop in one callback. New requests join
+between steps; a finished or cancelled sequence frees its slot at once.
+
+A slot keeps its KV cells after a request ends: the next request is placed in
+the free slot sharing the longest token prefix with its prompt, and only the
+rest of the prompt is computed (``cached_tokens``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from llama_cpp import llama_cpp as L
+
+from tokenwell.engines.base import Generation
+from tokenwell.engines.llamacpp.model import Model
+from tokenwell.engines.llamacpp.sampling import (
+    SamplingParams,
+    build_chain,
+    free_chain,
+    logprob_entry,
+)
+from tokenwell.engines.llamacpp.settings import LlamaCppSettings
+from tokenwell.engines.text import TextAssembler
+from tokenwell.protocol.events import Event, Failed, Finish, TextDelta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request: its prompt and its choices (``n``), as the scheduler sees it."""
+
+    generation: Generation
+    prompt: list[int]
+    n: int
+    max_tokens: int
+    stops: tuple[str, ...]
+    sampling: list[SamplingParams]  # one per choice
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # Set by the event loop; read by the scheduler at the next step.
+    cancelled: bool = False
+    # Scheduler state.
+    seqs: list[Seq] = field(default_factory=list)
+    prefill_pos: int = 0
+    logits_index: int = -1  # batch index of the prompt's last token, once it is in a batch
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class Slot:
+    id: int
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV cells this slot holds
+    busy: bool = False
+    last_used: float = 0.0
+
+
+@dataclass(eq=False)
+class Seq:
+    job: Job
+    choice: int
+    slot: Slot
+    chain: Any
+    text: TextAssembler
+    generated: int = 0
+    next_token: int = -1  # sampled, to be decoded next step
+    batch_index: int = -1
+    done: bool = False
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix, by bisection over C-speed slice compares."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class Scheduler:
+    def __init__(
+        self,
+        model: Model,
+        settings: LlamaCppSettings,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.model = model
+        self.settings = settings
+        self.loop = loop
+        self.slots = [Slot(i) for i in range(settings.parallel)]
+        self._inbox: deque[Job] = deque()
+        self._waiting: deque[Job] = deque()
+        self._prefilling: deque[Job] = deque()
+        self._running: list[Seq] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        # Written by one thread each, so their difference needs no lock.
+        self.submitted = 0
+        self.admitted = 0
+        self.steps = 0
+        self.tokens_generated = 0
+        self.ctx: Any = None
+        self.batch: Any = None
+        self._thread = threading.Thread(target=self._run, name="llamacpp-scheduler", daemon=True)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------ event-loop side
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    @property
+    def queued(self) -> int:
+        return self.submitted - self.admitted
+
+    def submit(self, job: Job) -> None:
+        job.generation.on_cancel(lambda: self.cancel(job))
+        self.submitted += 1
+        with self._wake:
+            self._inbox.append(job)
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    # ------------------------------------------------------------ scheduler thread
+
+    def _run(self) -> None:
+        try:
+            self._open_context()
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._inbox and not self._active():
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    self._waiting.extend(self._inbox)
+                    self._inbox.clear()
+                self._step()
+        finally:
+            self._shutdown()
+
+    def _active(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def _open_context(self) -> None:
+        s = self.settings
+        params = L.llama_context_default_params()
+        params.n_ctx = s.context * s.parallel
+        params.n_batch = s.batch
+        params.n_ubatch = min(s.ubatch, s.batch)
+        params.n_seq_max = s.parallel
+        params.n_threads = s.threads
+        params.n_threads_batch = s.threads
+        params.kv_unified = s.kv_unified
+        params.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model.ptr, params)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(s.batch, 0, 1)
+        self.n_ctx_slot = L.llama_n_ctx(self.ctx) // s.parallel
+
+    def _shutdown(self) -> None:
+        events: dict[Generation, list[Event]] = {}
+        closed: list[Generation] = []
+        for job in [*self._inbox, *self._waiting, *self._prefilling, *self._jobs_running()]:
+            events[job.generation] = [Failed("the server is shutting down", "shutting_down")]
+            closed.append(job.generation)
+            self._release(job)
+        self._deliver(events, closed)
+        if self.batch is not None:
+            L.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            L.llama_free(self.ctx)
+            self.ctx = None
+
+    def _jobs_running(self) -> list[Job]:
+        return list(dict.fromkeys(seq.job for seq in self._running))
+
+    def _deliver(self, events: dict[Generation, list[Event]], closed: list[Generation]) -> None:
+        if not events and not closed:
+            return
+
+        def apply() -> None:
+            for gen, items in events.items():
+                gen.push(items)
+            for gen in closed:
+                gen.close()
+
+        # RuntimeError: the loop is gone, and nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(apply)
+
+    # -- one step
+
+    def _step(self) -> None:
+        events: dict[Generation, list[Event]] = {}
+        closed: list[Generation] = []
+        self._drop_cancelled(closed)
+        self._admit(events, closed)
+        if not self._running and not self._prefilling:
+            self._deliver(events, closed)
+            return
+        try:
+            completed = self._fill_batch()
+            rc = L.llama_decode(self.ctx, self.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            self.steps += 1
+            self._sample_running(events, closed)
+            for job in completed:
+                self._start_choices(job, events, closed)
+        except Exception as exc:
+            log.exception("decode step failed; failing the requests in it")
+            self._fail_all(events, closed, f"generation failed: {exc}")
+        self._deliver(events, closed)
+
+    def _drop_cancelled(self, closed: list[Generation]) -> None:
+        for queue in (self._waiting, self._prefilling):
+            if any(job.cancelled for job in queue):
+                keep = [job for job in queue if not job.cancelled]
+                for job in queue:
+                    if job.cancelled:
+                        if queue is self._waiting:
+                            self.admitted += 1
+                        self._release(job)
+                        closed.append(job.generation)
+                queue.clear()
+                queue.extend(keep)
+        if any(seq.job.cancelled for seq in self._running):
+            for job in {seq.job for seq in self._running if seq.job.cancelled}:
+                self._release(job)
+                closed.append(job.generation)
+
+    def _admit(self, events: dict[Generation, list[Event]], closed: list[Generation]) -> None:
+        while self._waiting:
+            job = self._waiting[0]
+            free = [slot for slot in self.slots if not slot.busy]
+            if len(free) < job.n:
+                return
+            self._waiting.popleft()
+            self.admitted += 1
+            try:
+                self._place(job, free)
+            except Exception as exc:
+                log.exception("could not start a request")
+                self._release(job)
+                events[job.generation] = [Failed(f"could not start generation: {exc}")]
+                closed.append(job.generation)
+                continue
+            self._prefilling.append(job)
+
+    def _place(self, job: Job, free: list[Slot]) -> None:
+        prompt = job.prompt
+        # The free slot holding the longest prefix of this prompt; among equals,
+        # the least recently used, so that useful caches live longest.
+        primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+        reuse = min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
+        if not L.llama_memory_seq_rm(self.mem, primary.id, reuse, -1):
+            L.llama_memory_seq_rm(self.mem, primary.id, -1, -1)
+            reuse = 0
+        del primary.tokens[reuse:]
+        others = sorted((s for s in free if s is not primary), key=lambda s: s.last_used)
+        slots = [primary, *others[: job.n - 1]]
+        job.generation.started_at = time.perf_counter()
+        meter = job.generation.meter
+        meter.prompt_tokens = len(prompt)
+        meter.cached_tokens = reuse
+        job.prefill_pos = reuse
+        for choice, slot in enumerate(slots):
+            slot.busy = True
+            chain = build_chain(self.model, job.sampling[choice], self.n_ctx_slot)
+            job.seqs.append(Seq(job, choice, slot, chain, TextAssembler(job.stops, job.logprobs)))
+
+    def _fill_batch(self) -> list[Job]:
+        """Fill the batch; returns the jobs whose prompt ends in it."""
+        batch = self.batch
+        batch.n_tokens = 0
+        capacity = self.settings.batch
+        for seq in self._running:
+            self._add(seq.next_token, len(seq.slot.tokens), seq.slot.id, True)
+            seq.slot.tokens.append(seq.next_token)
+            seq.batch_index = batch.n_tokens - 1
+        room = capacity - batch.n_tokens
+        if self._running:
+            room = min(room, self.settings.prefill_chunk)
+        completed: list[Job] = []
+        while self._prefilling and room > 0:
+            job = self._prefilling[0]
+            slot = job.seqs[0].slot
+            end = min(len(job.prompt), job.prefill_pos + room)
+            for pos in range(job.prefill_pos, end):
+                self._add(job.prompt[pos], pos, slot.id, pos == len(job.prompt) - 1)
+            slot.tokens.extend(job.prompt[job.prefill_pos : end])
+            room -= end - job.prefill_pos
+            job.prefill_pos = end
+            if end < len(job.prompt):
+                break
+            job.logits_index = batch.n_tokens - 1
+            self._prefilling.popleft()
+            completed.append(job)
+        return completed
+
+    def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self.batch
+        i = batch.n_tokens
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+        batch.n_tokens = i + 1
+
+    def _start_choices(
+        self, job: Job, events: dict[Generation, list[Event]], closed: list[Generation]
+    ) -> None:
+        primary = job.seqs[0].slot
+        for seq in job.seqs[1:]:
+            # n > 1: the other choices start from a copy of the prompt's cells.
+            L.llama_memory_seq_rm(self.mem, seq.slot.id, -1, -1)
+            L.llama_memory_seq_cp(self.mem, primary.id, seq.slot.id, -1, -1)
+            seq.slot.tokens = list(primary.tokens)
+        for seq in job.seqs:
+            # Every choice samples its first token from the prompt's last logits.
+            seq.batch_index = job.logits_index
+            self._running.append(seq)
+        self._sample(job.seqs, events, closed)
+
+    def _sample_running(
+        self, events: dict[Generation, list[Event]], closed: list[Generation]
+    ) -> None:
+        self._sample(list(self._running), events, closed)
+
+    def _sample(
+        self, seqs: list[Seq], events: dict[Generation, list[Event]], closed: list[Generation]
+    ) -> None:
+        model = self.model
+        for seq in seqs:
+            job = seq.job
+            token = L.llama_sampler_sample(seq.chain, self.ctx, seq.batch_index)
+            seq.generated += 1
+            job.generation.meter.completion_tokens += 1
+            self.tokens_generated += 1
+            out = events.setdefault(job.generation, [])
+            if model.is_eog(token):
+                self._finish(seq, "stop", out, closed)
+                continue
+            entry = (
+                logprob_entry(model, self.ctx, seq.batch_index, token, job.top_logprobs)
+                if job.logprobs
+                else None
+            )
+            released = seq.text.push(model.piece(token), entry)
+            if released.text or released.logprobs:
+                out.append(TextDelta(seq.choice, released.text, _tuple(released.logprobs)))
+            if released.stopped:
+                self._finish(seq, "stop", out, closed)
+            elif seq.generated >= job.max_tokens or len(seq.slot.tokens) + 1 >= self.n_ctx_slot:
+                self._finish(seq, "length", out, closed)
+            else:
+                seq.next_token = token
+
+    def _finish(self, seq: Seq, reason: str, out: list[Event], closed: list[Generation]) -> None:
+        tail = seq.text.flush()
+        if tail.text or tail.logprobs:
+            out.append(TextDelta(seq.choice, tail.text, _tuple(tail.logprobs)))
+        out.append(Finish(seq.choice, reason))  # type: ignore[arg-type]
+        self._free_seq(seq)
+        job = seq.job
+        if all(s.done for s in job.seqs):
+            closed.append(job.generation)
+
+    def _free_seq(self, seq: Seq) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        free_chain(seq.chain)
+        seq.chain = None
+        seq.slot.busy = False
+        seq.slot.last_used = time.monotonic()
+        if seq in self._running:
+            self._running.remove(seq)
+
+    def _release(self, job: Job) -> None:
+        for seq in job.seqs:
+            self._free_seq(seq)
+
+    def _fail_all(
+        self, events: dict[Generation, list[Event]], closed: list[Generation], message: str
+    ) -> None:
+        for job in [*self._prefilling, *self._jobs_running()]:
+            events.setdefault(job.generation, []).append(Failed(message))
+            closed.append(job.generation)
+            self._release(job)
+            for seq in job.seqs:
+                L.llama_memory_seq_rm(self.mem, seq.slot.id, -1, -1)
+                seq.slot.tokens.clear()
+        self._prefilling.clear()
+        self._running.clear()
+
+
+def _tuple(items: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...] | None:
+    return tuple(items) if items is not None else None

@@ -1,0 +1,41 @@
+"""Settings of the embedded llama.cpp engine: the keys of a ``[[models]]`` table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tokenwell.errors import ConfigError
+
+
+class LlamaCppSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # A GGUF file; the built-in SmolLM2-135M-Instruct when absent.
+    path: Path | None = None
+    # Sequences decoded together (llama.cpp n_seq_max), and KV cells for each.
+    parallel: int = Field(default=8, ge=1, le=256)
+    context: int = Field(default=2048, ge=64)
+    # Tokens per decode step (llama.cpp n_batch) and per compute pass (n_ubatch).
+    batch: int = Field(default=2048, ge=32)
+    ubatch: int = Field(default=512, ge=32)
+    # While sequences generate, a prompt is prefilled this many tokens per step.
+    prefill_chunk: int = Field(default=512, ge=16)
+    # Requests waiting for a slot; beyond this → 503 with Retry-After.
+    max_queue: int = Field(default=256, ge=0)
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # All slots share one KV pool (better for shared prefixes) or each has its own.
+    kv_unified: bool = False
+
+
+def parse_settings(model: str, options: dict[str, object]) -> LlamaCppSettings:
+    try:
+        return LlamaCppSettings.model_validate(options)
+    except ValidationError as exc:
+        lines = [
+            f"  models[{model}].{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise ConfigError("invalid llamacpp settings:\n" + "\n".join(lines)) from exc

@@ -1,0 +1,77 @@
+"""What an engine tells the server while it generates, and its token meter.
+
+Engines emit these; ``protocol.render`` turns them into the wire format.
+``choice`` is the index of the choice (``n`` > 1 runs several).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+@dataclass(slots=True, frozen=True)
+class TextDelta:
+    choice: int
+    text: str
+    # OpenAI logprob entries for the tokens behind ``text`` (when asked for).
+    logprobs: tuple[dict[str, Any], ...] | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallStart:
+    choice: int
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(slots=True, frozen=True)
+class ToolCallArguments:
+    choice: int
+    index: int
+    fragment: str
+
+
+@dataclass(slots=True, frozen=True)
+class Finish:
+    choice: int
+    reason: FinishReason
+
+
+@dataclass(slots=True, frozen=True)
+class Failed:
+    """The generation cannot go on; the client gets an error (event)."""
+
+    message: str
+    code: str | None = None
+    status: Literal["upstream_error", "server_error"] = "server_error"
+
+
+Event = TextDelta | ToolCallStart | ToolCallArguments | Finish | Failed
+
+
+@dataclass(slots=True)
+class Meter:
+    """Tokens a request has used so far. Billing reads this, never the stream."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    # True when the counts come from an estimate (an upstream that sent no usage).
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }

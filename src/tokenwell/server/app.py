@@ -1,0 +1,161 @@
+"""``create_app(settings)``: the ASGI app. Nothing happens at import time.
+
+The lifespan owns everything with a life: the database and its migrations,
+crash recovery of the ledger, the ledger writer, rate limiters, and the
+engines (loaded in the background, so ``/health`` can say "loading").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from tokenwell.billing.accounting import Accounting
+from tokenwell.billing.db import Database
+from tokenwell.billing.journal import Journal
+from tokenwell.billing.keys import KeyHasher, KeyStore
+from tokenwell.billing.ledger import Ledger
+from tokenwell.billing.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from tokenwell.config import Settings
+from tokenwell.engines.base import Engine
+from tokenwell.engines.registry import create_engine
+from tokenwell.errors import APIError
+from tokenwell.server import bootstrap
+from tokenwell.server.chat import ChatService, ModelRegistry
+from tokenwell.server.errors import api_error, http_error, unexpected_error
+from tokenwell.server.metrics import Metrics
+from tokenwell.server.routes import admin, chat, health, models, usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    accounting: Accounting
+    keys: KeyStore
+    models: ModelRegistry
+    chat: ChatService
+    metrics: Metrics
+    master_key_file: Path | None = None
+    recovered: int = 0
+    engine_errors: dict[str, str] = field(default_factory=dict)
+
+
+def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starlette:
+    """The app for ``settings``; ``engines`` replaces the configured ones (tests, embedding)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with _running(settings, engines) as services:
+            app.state.services = services
+            yield
+
+    routes = [
+        Route("/v1/chat/completions", chat.create, methods=["POST"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),
+        Route("/v1/usage", usage.own_usage, methods=["GET"]),
+        Route("/admin/keys", admin.create_key, methods=["POST"]),
+        Route("/admin/keys", admin.list_keys, methods=["GET"]),
+        Route("/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
+        Route("/admin/keys/{key_id}", admin.update_key, methods=["PATCH"]),
+        Route("/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
+        Route("/admin/usage", admin.usage_report, methods=["GET"]),
+        Route("/health", health.health, methods=["GET"]),
+        Route("/metrics", health.metrics, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            APIError: api_error,
+            HTTPException: http_error,
+            Exception: unexpected_error,
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIterator[Services]:
+    instance = bootstrap.claim_instance(settings)
+    master, master_file = bootstrap.master_key(settings)
+    hasher = KeyHasher(bootstrap.key_secret(settings))
+    db = Database(settings.database_url)
+    limiter: RateLimiter = (
+        RedisRateLimiter(settings.redis.url) if settings.redis.url else LocalRateLimiter()
+    )
+    ledger = Ledger(db, max_batch=settings.database.batch_max_rows)
+    engines = engines if engines is not None else [create_engine(m) for m in settings.models]
+    journal: Journal | None = None
+    loading: list[asyncio.Task[None]] = []
+    try:
+        await db.migrate()
+        await ledger.start()
+        keys = KeyStore(db, hasher)
+        prices = {m.name: m.price for m in settings.models}
+        for engine in engines:
+            prices.setdefault(engine.model_id, engine.config.price)
+        accounting = Accounting(keys, ledger, limiter, master, instance.id, prices)
+        # Close what a crash left open, before this run writes anything new.
+        recovered = await accounting.recover(Journal.read(instance.journal_path))
+        if recovered:
+            log.warning("closed %d request(s) left open by an earlier crash", recovered)
+        journal = Journal(instance.journal_path)
+        journal.compact(live=())
+        accounting.journal = journal
+
+        registry = ModelRegistry(engines)
+        metrics = Metrics()
+        metrics.watch_engines(lambda: {e.model_id: e.stats() for e in registry})
+        services = Services(
+            settings=settings,
+            db=db,
+            accounting=accounting,
+            keys=keys,
+            models=registry,
+            chat=ChatService(
+                registry,
+                accounting,
+                metrics,
+                max_body_bytes=settings.max_body_bytes,
+                keepalive_seconds=settings.keepalive_seconds,
+            ),
+            metrics=metrics,
+            master_key_file=master_file,
+            recovered=recovered,
+        )
+        for engine in engines:
+            loading.append(asyncio.create_task(_start(engine, services)))
+        yield services
+    finally:
+        for task in loading:
+            task.cancel()
+        for engine in engines:
+            try:
+                await engine.stop()
+            except Exception:
+                log.exception("stopping %s failed", engine.model_id)
+        await ledger.stop()
+        if journal is not None:
+            journal.close()
+        await limiter.close()
+        await db.close()
+        instance.release()
+
+
+async def _start(engine: Engine, services: Services) -> None:
+    try:
+        await engine.start()
+    except Exception as exc:
+        log.exception("model %s failed to start", engine.model_id)
+        services.engine_errors[engine.model_id] = str(exc)

@@ -1,0 +1,25 @@
+"""Reading a request body with a size limit."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from tokenwell.errors import PayloadTooLarge
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(_too_large(limit))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> str:
+    return f"Request body too large: the limit is {limit} bytes."

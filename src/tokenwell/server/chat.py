@@ -1,0 +1,118 @@
+"""``POST /v1/chat/completions``: admit, generate, respond, settle.
+
+Every check that can fail does so before the first byte (CONTRACT.md):
+key (401), body (413/400), model (404), permission (403), what the model can
+take (400), limits and budget (429), capacity (503). Once admitted, the
+request's ledger row is open and ``GenerationResponse`` settles it exactly
+once, with the engine's meter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from starlette.requests import Request
+from starlette.types import ASGIApp
+
+from tokenwell.billing.accounting import Accounting, Ticket
+from tokenwell.engines.base import Engine, Generation
+from tokenwell.errors import APIError, ModelNotFound
+from tokenwell.protocol.events import Meter
+from tokenwell.protocol.render import Identity
+from tokenwell.protocol.requests import parse_chat_request
+from tokenwell.server.body import read_body
+from tokenwell.server.generation import GenerationResponse, Outcome
+from tokenwell.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class ModelRegistry:
+    """The served models by id."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        self.engines = {engine.model_id: engine for engine in engines}
+
+    def get(self, model: str) -> Engine:
+        engine = self.engines.get(model)
+        if engine is None:
+            raise ModelNotFound(
+                f"The model `{model}` does not exist or you do not have access to it.",
+                param="model",
+            )
+        return engine
+
+    def __iter__(self) -> Iterator[Engine]:
+        return iter(self.engines.values())
+
+
+class ChatService:
+    def __init__(
+        self,
+        models: ModelRegistry,
+        accounting: Accounting,
+        metrics: Metrics,
+        *,
+        max_body_bytes: int,
+        keepalive_seconds: float,
+    ) -> None:
+        self.models = models
+        self.accounting = accounting
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.keepalive_seconds = keepalive_seconds
+
+    async def create(self, request: Request) -> ASGIApp:
+        started = time.perf_counter()
+        key = await self.accounting.authenticate(request.headers.get("authorization"))
+        chat = parse_chat_request(await read_body(request, self.max_body_bytes))
+        engine = self.models.get(chat.model)
+        self.accounting.authorize(key, chat.model)
+        prepared = engine.prepare(chat)
+        ticket = await self.accounting.admit(key, prepared)
+        try:
+            generation = engine.submit(prepared)
+        except APIError as exc:
+            await ticket.settle(Meter(), "rejected", error=exc.message)
+            self.metrics.request_done(chat.model, "rejected")
+            exc.headers.setdefault("x-request-id", ticket.request_id)
+            raise
+        self.metrics.request_started(chat.model)
+
+        async def settle(gen: Generation, outcome: Outcome) -> None:
+            await self._settle(ticket, gen, outcome)
+
+        return GenerationResponse(
+            generation,
+            Identity(model=chat.model, system_fingerprint=engine.system_fingerprint),
+            stream=chat.stream,
+            include_usage=chat.include_usage,
+            logprobs=chat.logprobs,
+            keepalive=self.keepalive_seconds,
+            settle=settle,
+            progress=lambda gen: ticket.progress(gen.meter),
+            headers=ticket.headers,
+            started_at=started,
+        )
+
+    async def _settle(self, ticket: Ticket, gen: Generation, outcome: Outcome) -> None:
+        meter = gen.meter
+        ttft = (
+            (outcome.first_token_at - outcome.started_at) * 1000
+            if outcome.first_token_at is not None
+            else None
+        )
+        queue_ms = (
+            (gen.started_at - outcome.started_at) * 1000 if gen.started_at is not None else None
+        )
+        await ticket.settle(
+            meter,
+            outcome.status,
+            queue_ms=queue_ms,
+            ttft_ms=ttft,
+            total_ms=(outcome.ended_at - outcome.started_at) * 1000,
+            error=outcome.error,
+        )
+        self.metrics.request_done(ticket.model, outcome.status, meter, ttft)

@@ -1,0 +1,238 @@
+"""The ASGI response that runs one generation to the client.
+
+It streams SSE chunks (or collects one JSON body), watches the connection
+for the client going away, sends ``: keep-alive`` comments while nothing is
+ready, and settles the request exactly once, whatever happens: billing reads
+the engine's meter only after the engine has let go of the request, so the
+bill is exactly what was generated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from tokenwell.engines.base import Generation
+from tokenwell.errors import APIError, ServerError, UpstreamFailed
+from tokenwell.protocol import sse
+from tokenwell.protocol.events import Failed, TextDelta, ToolCallStart
+from tokenwell.protocol.render import CompletionBuilder, Identity, StreamRenderer
+
+log = logging.getLogger(__name__)
+
+# Ledger statuses of a finished request, by the finish reasons of its choices;
+# with n > 1 the most telling reason wins.
+_STATUS_BY_REASON = {
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "length": "length",
+    "stop": "completed",
+}
+
+
+def finished_status(reasons: dict[int, str]) -> str:
+    for reason, status in _STATUS_BY_REASON.items():
+        if reason in reasons.values():
+            return status
+    return "completed"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How a request ended, for the ledger."""
+
+    status: str
+    started_at: float
+    first_token_at: float | None = None
+    ended_at: float = 0.0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Settle = Callable[[Generation, Outcome], Awaitable[None]]
+Progress = Callable[[Generation], None]
+
+
+class GenerationResponse:
+    def __init__(
+        self,
+        generation: Generation,
+        ident: Identity,
+        *,
+        stream: bool,
+        include_usage: bool,
+        logprobs: bool,
+        keepalive: float,
+        settle: Settle,
+        progress: Progress | None = None,
+        headers: dict[str, str] | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        self.generation = generation
+        self.ident = ident
+        self.stream = stream
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self.keepalive = keepalive
+        self._settle = settle
+        self._progress = progress
+        self.headers = headers or {}
+        self.outcome = Outcome("completed", started_at or time.perf_counter())
+        self.disconnected = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(self._watch(receive))
+        try:
+            if self.stream:
+                await self._send_stream(send)
+            else:
+                await self._send_json(send)
+        except OSError:
+            self._client_gone()
+        except asyncio.CancelledError:
+            # The server is going down under us: stop generating, bill what was made.
+            self.generation.cancel()
+            raise
+        finally:
+            watcher.cancel()
+            await asyncio.shield(self._finish())
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._client_gone()
+                return
+
+    def _client_gone(self) -> None:
+        if not self.disconnected:
+            self.disconnected = True
+            self.generation.cancel()
+
+    async def _finish(self) -> None:
+        gen = self.generation
+        if not gen.is_closed:
+            gen.cancel()
+            try:
+                await asyncio.wait_for(gen.closed(), timeout=30)
+            except TimeoutError:
+                log.error("engine did not release request %s within 30 s", self.ident.id)
+        outcome = self.outcome
+        outcome.ended_at = time.perf_counter()
+        outcome.first_token_at = gen.first_token_at
+        if gen.failure is not None:
+            outcome.status = (
+                "upstream_error" if gen.failure.status == "upstream_error" else "engine_error"
+            )
+            outcome.error = gen.failure.message
+        elif gen.done:
+            outcome.status = finished_status(gen.finished)
+        elif self.disconnected:
+            outcome.status = "client_disconnected"
+        else:
+            outcome.status = "interrupted"
+        try:
+            await self._settle(gen, outcome)
+        except Exception:
+            log.exception("settling request %s failed", self.ident.id)
+
+    # ------------------------------------------------------------------ stream
+
+    async def _send_stream(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    *_headers(self.headers, b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        gen = self.generation
+        renderer = StreamRenderer(self.ident, self.include_usage)
+        progress = self._progress
+        while not self.disconnected:
+            events = await gen.next_batch(self.keepalive)
+            if not events:
+                if gen.exhausted:
+                    break
+                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+                continue
+            if gen.first_token_at is None:
+                _mark_first(gen, events)
+            out = b"".join(renderer.render(event) for event in events)
+            if progress is not None:
+                progress(gen)  # the journal knows what is billed before the client sees it
+            if not self.disconnected:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            if gen.failure is not None:
+                break
+        if self.disconnected:
+            return
+        if not gen.done and gen.failure is None:
+            # The engine let go without finishing (shut down): say so.
+            tail = StreamRenderer.error("The generation was interrupted.", "interrupted")
+        elif gen.failure is None and self.include_usage:
+            tail = renderer.usage(gen.meter)
+        else:
+            tail = b""
+        await send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
+
+    # ------------------------------------------------------------------ JSON
+
+    async def _send_json(self, send: Send) -> None:
+        gen = self.generation
+        builder = CompletionBuilder(self.ident, gen.n, self.logprobs)
+        while not self.disconnected:
+            events = await gen.next_batch(None)
+            if not events and gen.exhausted:
+                break
+            if gen.first_token_at is None:
+                _mark_first(gen, events)
+            for event in events:
+                builder.add(event)
+            if self._progress is not None:
+                self._progress(gen)
+        if self.disconnected:
+            return
+        if gen.failure is not None or not gen.done:
+            failure = gen.failure or Failed("The generation was interrupted.", "interrupted")
+            error: APIError = (
+                UpstreamFailed(failure.message, code=failure.code)
+                if failure.status == "upstream_error"
+                else ServerError(failure.message, code=failure.code)
+            )
+            body, status = orjson.dumps(error.body()), error.status
+        else:
+            body, status = orjson.dumps(builder.build(gen.meter)), 200
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    *_headers(self.headers, b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _mark_first(gen: Generation, events: list[Any]) -> None:
+    if any(isinstance(e, TextDelta | ToolCallStart) for e in events):
+        gen.first_token_at = time.perf_counter()
+
+
+def _headers(extra: dict[str, str], content_type: bytes) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", content_type)]
+    headers.extend((k.lower().encode(), v.encode()) for k, v in extra.items())
+    return headers

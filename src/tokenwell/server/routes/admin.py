@@ -1,0 +1,76 @@
+"""The admin API, for the master key: keys and the usage report."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenwell.billing.keys import parse_key_fields
+from tokenwell.billing.usage import parse_day, parse_group_by
+from tokenwell.billing.usage import usage_report as report
+from tokenwell.errors import PermissionDenied
+from tokenwell.protocol.requests import decode_json
+from tokenwell.server.app_state import services_of
+
+if TYPE_CHECKING:
+    from tokenwell.server.app import Services
+from tokenwell.server.body import read_body
+from tokenwell.server.responses import json_response
+
+
+async def _admin(request: Request) -> Services:
+    services = services_of(request)
+    key = await services.accounting.authenticate(request.headers.get("authorization"))
+    if not key.is_master:
+        raise PermissionDenied("The admin API needs the master key.", code="admin_only")
+    return services
+
+
+async def create_key(request: Request) -> Response:
+    services = await _admin(request)
+    data = decode_json(await read_body(request, 64 * 1024))
+    fields, given = parse_key_fields(data, creating=True)
+    secret, record = await services.keys.create(fields, given)
+    return json_response({**record.public(), "key": secret}, status=201)
+
+
+async def list_keys(request: Request) -> Response:
+    services = await _admin(request)
+    records = await services.keys.list()
+    return json_response({"object": "list", "data": [r.public() for r in records]})
+
+
+async def get_key(request: Request) -> Response:
+    services = await _admin(request)
+    record = await services.keys.get(request.path_params["key_id"])
+    return json_response(record.public())
+
+
+async def update_key(request: Request) -> Response:
+    services = await _admin(request)
+    data = decode_json(await read_body(request, 64 * 1024))
+    fields, given = parse_key_fields(data, creating=False)
+    record = await services.keys.update(request.path_params["key_id"], fields, given)
+    return json_response(record.public())
+
+
+async def revoke_key(request: Request) -> Response:
+    services = await _admin(request)
+    record = await services.keys.revoke(request.path_params["key_id"])
+    return json_response(record.public())
+
+
+async def usage_report(request: Request) -> Response:
+    services = await _admin(request)
+    q = request.query_params
+    rows = await report(
+        services.db,
+        parse_group_by(q.get("group_by")),
+        since=parse_day(q.get("since"), "since"),
+        until=parse_day(q.get("until"), "until"),
+        key_id=q.get("key_id"),
+        model=q.get("model"),
+    )
+    return json_response({"object": "list", "data": rows})

@@ -1,0 +1,185 @@
+"""Running real tokenwell server processes for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+MASTER = "sk-test-master"
+KEY_SECRET = "test-key-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``tokenwell serve`` in a subprocess, on a port of its own."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: str,
+        *,
+        env: dict[str, str] | None = None,
+        data_dir: Path | None = None,
+        port: int | None = None,
+    ) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.config_path = root / "config.toml"
+        self.config_path.write_text(config)
+        self.data_dir = data_dir or root / "data"
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = root / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "TOKENWELL_MASTER_KEY": MASTER,
+            "TOKENWELL_KEY_SECRET": KEY_SECRET,
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 120) -> Server:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tokenwell",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def client(self, key: str = MASTER, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0, **kwargs)
+
+    def async_client(self, key: str = MASTER, **kwargs: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0, **kwargs)
+
+    def http(self, key: str | None = MASTER, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(kwargs.pop("headers", {}))
+        return httpx.Client(base_url=self.base, headers=headers, timeout=60, **kwargs)
+
+    def create_key(self, **fields: Any) -> dict[str, Any]:
+        fields.setdefault("name", "test")
+        with self.http() as http:
+            response = http.post("/admin/keys", json=fields)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+SCRIPTED_CONFIG = """
+[[models]]
+name = "scripted"
+engine = "scripted"
+price = { prompt = 1.0, cached_prompt = 0.5, completion = 2.0 }
+
+[[models]]
+name = "scripted-64"
+engine = "scripted"
+reply_tokens = 64
+price = { prompt = 1.0, completion = 2.0 }
+
+[[models]]
+name = "scripted-slow"
+engine = "scripted"
+delay = 0.02
+reply_tokens = 400
+price = { prompt = 1.0, completion = 2.0 }
+
+[[models]]
+name = "scripted-tiny"
+engine = "scripted"
+parallel = 1
+max_queue = 1
+context = 64
+delay = 0.05
+reply_tokens = 40
+"""
+
+
+def model_config(parallel: int = 4, context: int = 2048, extra: str = "") -> str:
+    return f"""
+[[models]]
+name = "SmolLM2-135M-Instruct"
+engine = "llamacpp"
+parallel = {parallel}
+context = {context}
+price = {{ prompt = 0.10, cached_prompt = 0.05, completion = 0.30 }}
+{extra}
+"""
+
+
+def sse_events(body: bytes) -> list[str]:
+    """The data payloads of an SSE body, asserting strict framing on the way."""
+    from tokenwell.protocol.sse import SSEDecoder
+
+    decoder = SSEDecoder()
+    events = decoder.feed(body)
+    assert all(e.event is None and e.id is None for e in events), "no event:/id: lines"
+    return [e.data for e in events]
