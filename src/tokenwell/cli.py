@@ -19,7 +19,8 @@ from tokenwell.errors import APIError, ConfigError
 
 T = TypeVar("T")
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Piped output is not cut to 80 columns: ids in a table must survive intact.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 
 config_option = click.option(
     "--config",

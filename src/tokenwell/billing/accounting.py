@@ -131,9 +131,7 @@ class Accounting:
             raise AuthenticationFailed(f"Incorrect API key provided: {_masked(token)}.")
         state = record.state()
         if state != "active":
-            raise AuthenticationFailed(
-                f"The API key {record.prefix}… is {state}.", code=f"key_{state}"
-            )
+            raise AuthenticationFailed(f"The API key {record.prefix}… is {state}.")
         return record
 
     @staticmethod

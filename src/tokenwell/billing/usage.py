@@ -121,3 +121,29 @@ async def usage_report(
         )
         report.append(item)
     return report
+
+
+def _row(row: Any) -> dict[str, Any]:
+    data = {str(k): v for k, v in row._asdict().items()}
+    data["cost_usd"] = nanos_to_usd(int(data.pop("cost_nanos")))
+    data["reserved_usd"] = nanos_to_usd(int(data.pop("reserved_nanos")))
+    return data
+
+
+async def request_rows(
+    db: Database,
+    *,
+    request_id: str | None = None,
+    key_id: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    query = select(requests).order_by(requests.c.created_at.desc()).limit(limit)
+    if request_id:
+        query = query.where(requests.c.id == request_id)
+    if key_id:
+        query = query.where(requests.c.key_id == key_id)
+    if status:
+        query = query.where(requests.c.status == status)
+    async with db.engine.connect() as conn:
+        return [_row(r) for r in (await conn.execute(query)).all()]

@@ -101,6 +101,7 @@ class ScriptedEngine(Engine):
         self._ready = False
         self._slots = asyncio.Semaphore(self.settings.parallel)
         self._waiting = 0
+        self._running = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.generated = 0
 
@@ -120,6 +121,14 @@ class ScriptedEngine(Engine):
 
     def card(self) -> ModelCard:
         return ModelCard(self.model_id, owned_by="tokenwell-scripted")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "state": "ready" if self._ready else "stopped",
+            "running": self._running,
+            "queued": self._waiting,
+            "tokens_generated": self.generated,
+        }
 
     @property
     def system_fingerprint(self) -> str:
@@ -196,16 +205,19 @@ class ScriptedEngine(Engine):
         try:
             async with self._slots:
                 self._waiting -= 1
+                self._running += 1
                 gen.started_at = time.perf_counter()
-                gen.meter.prompt_tokens = prepared.prompt_tokens
-                if plan.prefill_delay:
-                    await asyncio.sleep(plan.prefill_delay)
-                await self._generate(gen, plan, request, prepared.max_completion_tokens)
+                try:
+                    gen.meter.prompt_tokens = prepared.prompt_tokens
+                    if plan.prefill_delay:
+                        await asyncio.sleep(plan.prefill_delay)
+                    await self._generate(gen, plan, request, prepared.max_completion_tokens)
+                finally:
+                    self._running -= 1
         except asyncio.CancelledError:
-            pass
-        finally:
-            if self._waiting and gen.started_at is None:
+            if gen.started_at is None:
                 self._waiting -= 1
+        finally:
             gen.close()
 
     async def _generate(

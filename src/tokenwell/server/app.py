@@ -71,6 +71,8 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
         Route("/admin/keys/{key_id}", admin.update_key, methods=["PATCH"]),
         Route("/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
         Route("/admin/usage", admin.usage_report, methods=["GET"]),
+        Route("/admin/requests", admin.list_requests, methods=["GET"]),
+        Route("/admin/requests/{request_id}", admin.get_request, methods=["GET"]),
         Route("/health", health.health, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
     ]

@@ -86,6 +86,7 @@ class GenerationResponse:
         self.headers = headers or {}
         self.outcome = Outcome("completed", started_at or time.perf_counter())
         self.disconnected = False
+        self._finished = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._watch(receive))
@@ -117,6 +118,10 @@ class GenerationResponse:
             self.generation.cancel()
 
     async def _finish(self) -> None:
+        """Settle once: before the last bytes on the normal path, else on the way out."""
+        if self._finished:
+            return
+        self._finished = True
         gen = self.generation
         if not gen.is_closed:
             gen.cancel()
@@ -178,6 +183,8 @@ class GenerationResponse:
                 break
         if self.disconnected:
             return
+        # Billed before [DONE]: a client that saw the end can see its spend.
+        await asyncio.shield(self._finish())
         if not gen.done and gen.failure is None:
             # The engine let go without finishing (shut down): say so.
             tail = StreamRenderer.error("The generation was interrupted.", "interrupted")
@@ -204,6 +211,7 @@ class GenerationResponse:
                 self._progress(gen)
         if self.disconnected:
             return
+        await asyncio.shield(self._finish())
         if gen.failure is not None or not gen.done:
             failure = gen.failure or Failed("The generation was interrupted.", "interrupted")
             error: APIError = (

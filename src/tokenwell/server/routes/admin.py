@@ -8,9 +8,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwell.billing.keys import parse_key_fields
-from tokenwell.billing.usage import parse_day, parse_group_by
+from tokenwell.billing.usage import parse_day, parse_group_by, request_rows
 from tokenwell.billing.usage import usage_report as report
-from tokenwell.errors import PermissionDenied
+from tokenwell.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwell.protocol.requests import decode_json
 from tokenwell.server.app_state import services_of
 
@@ -74,3 +74,28 @@ async def usage_report(request: Request) -> Response:
         model=q.get("model"),
     )
     return json_response({"object": "list", "data": rows})
+
+
+async def list_requests(request: Request) -> Response:
+    services = await _admin(request)
+    q = request.query_params
+    limit = q.get("limit", "100")
+    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        raise InvalidRequest(
+            f"Invalid 'limit': expected an integer from 1 to 1000, got {limit!r}.",
+            param="limit",
+            code="invalid_value",
+        )
+    rows = await request_rows(
+        services.db, key_id=q.get("key_id"), status=q.get("status"), limit=int(limit)
+    )
+    return json_response({"object": "list", "data": rows})
+
+
+async def get_request(request: Request) -> Response:
+    services = await _admin(request)
+    request_id = request.path_params["request_id"]
+    rows = await request_rows(services.db, request_id=request_id, limit=1)
+    if not rows:
+        raise NotFound(f"No request with id {request_id!r}.", param="id", code="request_not_found")
+    return json_response(rows[0])
