@@ -99,7 +99,7 @@ def test_keys_are_stored_only_as_hashes(db_url: str) -> None:
     async def go() -> None:
         db, ledger, keys = await _setup(db_url)
         try:
-            secret, key = await keys.create(KeyFields(name="e"), {"name"})
+            secret, _ = await keys.create(KeyFields(name="e"), {"name"})
             from sqlalchemy import select
 
             from tokenwell.billing.db import api_keys

@@ -162,4 +162,7 @@ class LlamaCppEngine(Engine):
             "queued": scheduler.queued,
             "steps": scheduler.steps,
             "tokens_generated": scheduler.tokens_generated,
+            "decode_seconds": round(scheduler.decode_seconds, 6),
+            "sample_seconds": round(scheduler.sample_seconds, 6),
+            "step_seconds": round(scheduler.step_seconds, 6),
         }

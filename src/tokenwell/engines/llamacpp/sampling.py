@@ -1,7 +1,15 @@
-"""Per-sequence sampler chains and logprobs.
+"""Sampling: one state per sequence, one vectorised pass per step.
 
-Each sequence owns one ``llama_sampler`` chain, seeded from its request, so
-the text a seed gives does not depend on what else shares the batch.
+Each sequence owns its random generator (seeded from its request) and its
+penalty counts, so the text a seed gives does not depend on what else shares
+the batch.
+
+Plain temperature sampling — the common case — is done for every sequence of
+a step at once in NumPy: softmax numerators in float32 over the [rows, vocab]
+logits, float64 sums over blocks of 256, then an exact inverse-CDF draw that
+only scans one block. Measured here on SmolLM2 (49 152 tokens), 16 rows take
+~1/2 of what 16 calls of llama.cpp's temp+dist chain take; the chain is kept
+for what needs it: grammars and nucleus (top_p) sampling.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import numpy as np
 from llama_cpp import llama_cpp as L
 
 from tokenwell.engines.llamacpp.model import Model
+
+BLOCK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +41,7 @@ class SamplingParams:
 
 
 def seed32(seed: int | None, choice: int) -> int:
-    """OpenAI seeds are any integer; llama.cpp takes 32 bits. Choices differ by index."""
+    """OpenAI seeds are any integer; 32 bits are used. Choices differ by index."""
     base = secrets.randbits(32) if seed is None else seed
     return (base + choice) & 0xFFFFFFFF
 
@@ -40,7 +50,126 @@ class SamplerError(Exception):
     """A grammar llama.cpp refused."""
 
 
-def build_chain(model: Model, params: SamplingParams, penalty_window: int) -> Any:
+class SeqSampler:
+    """The sampling state of one sequence."""
+
+    def __init__(self, model: Model, params: SamplingParams) -> None:
+        self.params = params
+        self.temperature = params.temperature
+        self.rng = np.random.Generator(np.random.PCG64(params.seed))
+        self.counts: dict[int, int] | None = (
+            {} if (params.presence_penalty or params.frequency_penalty) else None
+        )
+        self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
+        self.bias_values = np.array([b for _, b in params.logit_bias], dtype=np.float32)
+        self.chain: Any = None
+        if params.grammar is not None or params.top_p < 1.0:
+            self.chain = _build_chain(model, params)
+
+    @property
+    def adjusts(self) -> bool:
+        return bool(self.counts) or self.bias_ids.size > 0
+
+    def adjust(self, row: np.ndarray) -> None:
+        """Logit bias and OpenAI's presence/frequency penalties, in place."""
+        if self.bias_ids.size:
+            row[self.bias_ids] += self.bias_values
+        if self.counts:
+            ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(ids))
+            row[ids] -= counts * self.params.frequency_penalty + self.params.presence_penalty
+
+    def accept(self, token: int) -> None:
+        if self.counts is not None:
+            self.counts[token] = self.counts.get(token, 0) + 1
+
+    def free(self) -> None:
+        if self.chain:
+            L.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+def sample(
+    ctx: Any,
+    n_vocab: int,
+    n_outputs: int,
+    rows: list[tuple[SeqSampler, int, int]],
+    scratch: Scratch,
+) -> list[int]:
+    """One token for each (sampler, output row, batch index), in order."""
+    tokens = [0] * len(rows)
+    fast: list[int] = []
+    for i, (sampler, _, batch_index) in enumerate(rows):
+        if sampler.chain is not None:
+            tokens[i] = _chain_sample(sampler, ctx, batch_index)
+        else:
+            fast.append(i)
+    if not fast:
+        return tokens
+    logits = np.ctypeslib.as_array(
+        ctypes.cast(L.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float)),
+        shape=(n_outputs, n_vocab),
+    )
+    # A copy in a buffer kept between steps (no 3 MB allocation and page faults
+    # per step): adjusted and exponentiated in place.
+    work = scratch.rows(len(fast), n_vocab)
+    np.take(logits, [rows[i][1] for i in fast], axis=0, out=work)
+    for j, i in enumerate(fast):
+        if rows[i][0].adjusts:
+            rows[i][0].adjust(work[j])
+    greedy = [j for j, i in enumerate(fast) if rows[i][0].temperature <= 0]
+    for j in greedy:
+        tokens[fast[j]] = int(np.argmax(work[j]))
+    hot = [j for j, i in enumerate(fast) if rows[i][0].temperature > 0]
+    if hot:
+        picked = _draw(
+            work if len(hot) == len(fast) else work[hot], [rows[fast[j]][0] for j in hot]
+        )
+        for j, token in zip(hot, picked, strict=True):
+            tokens[fast[j]] = token
+    for (sampler, _, _), token in zip(rows, tokens, strict=True):
+        sampler.accept(token)
+    return tokens
+
+
+class Scratch:
+    """Logit rows kept between steps; one per scheduler, used by its thread only."""
+
+    def __init__(self) -> None:
+        self._buf = np.empty((0, 0), dtype=np.float32)
+
+    def rows(self, rows: int, vocab: int) -> np.ndarray:
+        if self._buf.shape[0] < rows or self._buf.shape[1] != vocab:
+            self._buf = np.empty((max(rows, 16), vocab), dtype=np.float32)
+        return self._buf[:rows]
+
+
+def _draw(work: np.ndarray, samplers: list[SeqSampler]) -> list[int]:
+    """Exact temperature sampling for every row of ``work`` (modified in place)."""
+    n, vocab = work.shape
+    inv_t = np.array([1.0 / s.temperature for s in samplers], dtype=np.float32)[:, None]
+    work -= work.max(axis=1, keepdims=True)
+    work *= inv_t
+    np.exp(work, out=work)
+    blocks = -(-vocab // BLOCK)
+    if blocks * BLOCK != vocab:
+        padded = np.zeros((n, blocks * BLOCK), dtype=np.float32)
+        padded[:, :vocab] = work
+        work = padded
+    sums = np.cumsum(work.reshape(n, blocks, BLOCK).sum(axis=2, dtype=np.float64), axis=1)
+    targets = np.array([s.rng.random() for s in samplers]) * sums[:, -1]
+    block = np.minimum((sums < targets[:, None]).sum(axis=1), blocks - 1)
+    before = np.where(block > 0, sums[np.arange(n), np.maximum(block - 1, 0)], 0.0)
+    rest = targets - before
+    starts = block * BLOCK
+    inside = work[np.arange(n)[:, None], starts[:, None] + np.arange(BLOCK)]
+    cum = np.cumsum(inside, axis=1, dtype=np.float64)
+    offset = np.minimum((cum < rest[:, None]).sum(axis=1), BLOCK - 1)
+    picked = starts + offset
+    return [min(int(t), vocab - 1) for t in picked]
+
+
+def _build_chain(model: Model, params: SamplingParams) -> Any:
     chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
     add = L.llama_sampler_chain_add
     if params.logit_bias:
@@ -53,7 +182,7 @@ def build_chain(model: Model, params: SamplingParams, penalty_window: int) -> An
         add(
             chain,
             L.llama_sampler_init_penalties(
-                penalty_window, 1.0, params.frequency_penalty, params.presence_penalty
+                model.n_ctx_train, 1.0, params.frequency_penalty, params.presence_penalty
             ),
         )
     if params.grammar is not None:
@@ -75,9 +204,8 @@ def build_chain(model: Model, params: SamplingParams, penalty_window: int) -> An
     return chain
 
 
-def free_chain(chain: Any) -> None:
-    if chain:
-        L.llama_sampler_free(chain)
+def _chain_sample(sampler: SeqSampler, ctx: Any, batch_index: int) -> int:
+    return int(L.llama_sampler_sample(sampler.chain, ctx, batch_index))
 
 
 def logprob_entry(model: Model, ctx: Any, batch_index: int, token: int, top: int) -> dict[str, Any]:
