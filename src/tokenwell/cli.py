@@ -63,10 +63,15 @@ def serve(
 ) -> None:
     """Serve /v1/chat/completions on the configured models."""
     import uvicorn
+    import uvloop
 
     from tokenwell.server.app import create_app
 
     settings = _settings(config_path, host=host, port=port, data_dir=data_dir)
+    # The event loop shares the GIL with the engine's decode thread and the
+    # ledger's commit thread; each needs it back promptly after C calls that
+    # release it, and CPython's default hand-off is 5 ms.
+    sys.setswitchinterval(settings.gil_switch_ms / 1000)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -93,7 +98,8 @@ def serve(
         await task
 
     try:
-        asyncio.run(run())
+        # uvloop: Server.serve() under a plain asyncio.run would not get it.
+        uvloop.run(run())
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     if not server.started:

@@ -91,6 +91,11 @@ class Settings(BaseModel):
     data_dir: Path = Path("~/.local/share/tokenwell")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     keepalive_seconds: float = Field(default=5.0, gt=0)
+    # Record every request in the ledger and enforce budgets and limits. Off
+    # only for benchmarks or trusted internal use: nothing is billed then.
+    metering: bool = True
+    # How long a thread may hold the GIL while another waits (CPython: 5 ms).
+    gil_switch_ms: float = Field(default=5.0, gt=0, le=100)
     log_level: str = "info"
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)

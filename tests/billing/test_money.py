@@ -30,3 +30,26 @@ def test_cached_tokens_cost_the_prompt_price_when_no_cached_price() -> None:
 def test_worst_case_never_undershoots() -> None:
     price = Price(prompt=Decimal("0.0001"), completion=Decimal("0.0003"))
     assert worst_case_nanos(price, 1, 1) >= cost_nanos(price, 1, 0, 1)
+
+
+def test_integer_and_decimal_paths_agree() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    exact = Price(prompt=Decimal("0.123456"), completion=Decimal("2.5"))
+    fine = Price(prompt=Decimal("0.1234567"), completion=Decimal("2.5"))  # 7 decimals: Decimal path
+
+    @given(st.integers(0, 10**7), st.integers(0, 10**7), st.integers(0, 10**7))
+    def check(prompt: int, cached: int, completion: int) -> None:
+        for price in (exact, fine):
+            by_int = cost_nanos(price, prompt, cached, completion)
+            cached_ = min(cached, prompt)
+            by_decimal = (
+                Decimal(prompt - cached_) * price.prompt
+                + Decimal(cached_) * price.prompt
+                + Decimal(completion) * price.completion
+            ) * 1000  # USD per million tokens -> nano-dollars
+            assert abs(by_int - by_decimal) <= Decimal("0.5")
+            assert worst_case_nanos(price, prompt, completion) >= by_int
+
+    check()

@@ -6,15 +6,16 @@ admit(key, prepared)        → Ticket                    429 rate / budget
     rate limit: one request and the token estimate, atomically
     ledger: the row is committed, and the worst case reserved, before any
             token is generated (write-ahead)
-ticket.progress(meter)      journal line before the client sees tokens
+ticket.meter                the engine counts into the crash journal
 ticket.settle(meter, how)   exactly once: cost from the meter, row closed,
                             reservation → spend, rate limit trued up
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    # An identifier, not a secret: 96 bits from the process's seeded PRNG.
+    return f"req_{random.getrandbits(96):024x}"
 
 
 def bearer_token(header: str | None) -> str:
@@ -73,16 +75,12 @@ class Ticket:
     price: Price
     reserved_nanos: int
     token_estimate: int
+    # The meter the engine counts into: a journal record while the ticket is open.
+    meter: Meter = field(default_factory=Meter)
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    committed: asyncio.Future[bool] | None = None
     opened_at: float = field(default_factory=time.perf_counter)
-
-    def progress(self, meter: Meter) -> None:
-        journal = self.accounting.journal
-        if journal is not None:
-            journal.record(
-                self.request_id, meter.prompt_tokens, meter.cached_tokens, meter.completion_tokens
-            )
 
     async def settle(
         self,
@@ -94,10 +92,27 @@ class Ticket:
         total_ms: float | None = None,
         error: str | None = None,
     ) -> None:
+        """Bill the request: its close is queued and its rate limits trued up.
+
+        The close commits moments later (``durable``); until then the journal
+        keeps the usage, so a crash in between loses nothing.
+        """
         if self.settled:
             return
         self.settled = True
-        await self.accounting._settle(self, meter, status, queue_ms, ttft_ms, total_ms, error)
+        self.committed = await self.accounting._settle(
+            self, meter, status, queue_ms, ttft_ms, total_ms, error
+        )
+
+    async def durable(self) -> None:
+        """Wait until the settled row is committed to the ledger."""
+        committed, self.committed = self.committed, None
+        if committed is not None:
+            try:
+                await asyncio.shield(committed)
+            finally:
+                if self.accounting.journal is not None:
+                    self.accounting.journal.forget(self.request_id)
 
 
 class Accounting:
@@ -110,6 +125,7 @@ class Accounting:
         instance: str,
         prices: dict[str, Price],
         journal: Journal | None = None,
+        metering: bool = True,
     ) -> None:
         self.keys = keys
         self.ledger = ledger
@@ -117,6 +133,9 @@ class Accounting:
         self.instance = instance
         self.prices = prices
         self.journal = journal
+        # Off only when an operator says so (benchmarks, trusted internal use):
+        # keys are still checked, but nothing is limited, reserved or recorded.
+        self.metering = metering
         self._master_hash = keys.hasher.hash(master_key)
         self.hasher: KeyHasher = keys.hasher
 
@@ -124,9 +143,10 @@ class Accounting:
 
     async def authenticate(self, header: str | None) -> KeyRecord:
         token = bearer_token(header)
-        if self.hasher.same(self.hasher.hash(token), self._master_hash):
+        digest = self.hasher.hash(token)
+        if self.hasher.same(digest, self._master_hash):
             return MASTER
-        record = await self.keys.lookup(token)
+        record = await self.keys.lookup_hash(digest)
         if record is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {_masked(token)}.")
         state = record.state()
@@ -149,6 +169,11 @@ class Accounting:
         request = prepared.request
         price = self.prices.get(request.model, Price())
         request_id = new_request_id()
+        if not self.metering:
+            ticket = Ticket(self, request_id, key, request.model, price, 0, 0)
+            ticket.headers["x-request-id"] = request_id
+            ticket.settled = True  # nothing to settle
+            return ticket
         asked = request.max_tokens or 0
         estimate = prepared.prompt_tokens + request.n * asked
         decision: Decision | None = None
@@ -216,7 +241,10 @@ class Accounting:
         headers = {"x-request-id": request_id}
         if decision is not None:
             headers.update(decision.headers())
-        return Ticket(self, request_id, key, request.model, price, reserve, estimate, headers)
+        meter = self.journal.meter(request_id) if self.journal is not None else Meter()
+        return Ticket(
+            self, request_id, key, request.model, price, reserve, estimate, meter, headers
+        )
 
     async def _reject(self, key: KeyRecord, prepared: Prepared, request_id: str, why: str) -> None:
         request = prepared.request
@@ -255,7 +283,7 @@ class Accounting:
         ttft_ms: float | None,
         total_ms: float | None,
         error: str | None,
-    ) -> None:
+    ) -> asyncio.Future[bool]:
         if status == "rejected":
             prompt = cached = completion = 0
         else:
@@ -280,14 +308,11 @@ class Accounting:
             total_ms=total_ms,
             error=error,
         )
-        try:
-            await self.ledger.close(row)
-        finally:
-            if self.journal is not None:
-                self.journal.forget(ticket.request_id)
+        committed = self.ledger.enqueue_close(row)
         used = prompt + completion
         if ticket.key.tpm:
             await self.limiter.adjust(ticket.key.id, ticket.key.tpm, used - ticket.token_estimate)
+        return committed
 
     # ------------------------------------------------------------------ recovery
 
@@ -299,7 +324,8 @@ class Accounting:
         """
         rows = await self.ledger.open_rows(self.instance)
         for row in rows:
-            prompt, cached, completion = journal_entries.get(row.id, (row.prompt_tokens, 0, 0))
+            known = journal_entries.get(row.id)
+            prompt, cached, completion = known if known is not None else (0, 0, 0)
             price = self.prices.get(row.model, Price())
             await self.ledger.close(
                 CloseRow(
@@ -312,7 +338,11 @@ class Accounting:
                     cost_nanos=cost_nanos(price, prompt, cached, completion),
                     reserved_nanos=row.reserved_nanos,
                     total_ms=max(time.time() - row.created_at, 0) * 1000,
-                    error="the server stopped while the request was in flight",
+                    error=(
+                        "the server stopped while the request was in flight"
+                        if known is not None
+                        else "the server stopped; no usage was journaled for this request"
+                    ),
                 )
             )
         return len(rows)

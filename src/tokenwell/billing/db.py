@@ -2,7 +2,7 @@
 
 One code path for SQLite (the default, a file in the data directory, WAL)
 and PostgreSQL (``postgresql://…``): SQLAlchemy Core over aiosqlite or
-asyncpg, with Alembic migrations applied at start-up. Times are UNIX seconds
+psycopg, with Alembic migrations applied at start-up. Times are UNIX seconds
 (floats) and each ledger row carries its UTC day, so reports group the same
 way on both databases.
 """
@@ -30,6 +30,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    create_engine,
     event,
     false,
     text,
@@ -97,7 +98,7 @@ def async_url(url: str) -> str:
     if backend == "sqlite":
         return str(parsed.set(drivername="sqlite+aiosqlite"))
     if backend in ("postgresql", "postgres"):
-        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     raise ConfigError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
 
 
@@ -128,11 +129,24 @@ class Database:
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
+        # Ledger writes go through a plain (sync) engine on the ledger's own
+        # thread (see Ledger._commit); the same driver serves both engines.
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            self.sync_engine = create_engine(str(make_url(url).set(drivername="sqlite")))
+            event.listen(self.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            self.sync_engine = create_engine(
+                make_url(url)
+                .set(drivername="postgresql+psycopg")
+                .render_as_string(hide_password=False),
+                pool_size=2,
+                pool_pre_ping=True,
+            )
 
     async def close(self) -> None:
         await self.engine.dispose()
+        self.sync_engine.dispose()
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (safe with several processes)."""

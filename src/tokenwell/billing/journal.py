@@ -1,72 +1,160 @@
 """The usage journal: what each in-flight request has used, for crash recovery.
 
-Before the server sends a client tokens, it appends the request's meter to
-this file with one ``write(2)``. A ``kill -9`` cannot take back a completed
-write (the kernel holds it), so after a crash the ledger can close each
-request that was in flight with the usage known at the crash. Lines are
-``<request id> <prompt> <cached> <completion>``; the last line for an id wins.
+Each admitted request's meter *lives* in this journal: its three counters are
+words of a memory-mapped file (``MAP_SHARED``), so every token an engine counts
+is stored as it is counted — a plain memory write, no system call, nothing
+per chunk. The kernel keeps the pages when the process dies, so after a
+``kill -9`` the ledger closes every request that was in flight with exactly
+the usage counted at the crash. (A power loss can lose the last seconds; the
+SQLite ledger with ``synchronous=NORMAL`` makes the same promise.)
+
+Layout: segment files ``journal.<n>.bin`` of fixed 64-byte records:
+``state (u8) | request id (47 bytes, NUL-padded) | prompt | cached | completion``
+(three native u32; the counters start at byte 48). A record is claimed by
+writing the id, then the state byte, and freed by clearing the state byte.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Iterable
+import struct
 from pathlib import Path
+
+from tokenwell.protocol.events import Meter
 
 Usage = tuple[int, int, int]
 
-# Rewrite the file with only live entries once it grows past this.
-COMPACT_BYTES = 32 * 1024 * 1024
+RECORD = 64
+SEGMENT_SLOTS = 4096
+_COUNTS = struct.Struct("=III")
+_COUNTS_AT = 48
+_LIVE = 1
+
+
+class JournalMeter(Meter):
+    """A meter whose counters are words of a journal record."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self, counts: memoryview) -> None:
+        self._counts: memoryview | list[int] = counts
+        self.estimated = False
+
+    @property  # type: ignore[override]
+    def prompt_tokens(self) -> int:
+        return int(self._counts[0])
+
+    @prompt_tokens.setter
+    def prompt_tokens(self, value: int) -> None:
+        self._counts[0] = value
+
+    @property  # type: ignore[override]
+    def cached_tokens(self) -> int:
+        return int(self._counts[1])
+
+    @cached_tokens.setter
+    def cached_tokens(self, value: int) -> None:
+        self._counts[1] = value
+
+    @property  # type: ignore[override]
+    def completion_tokens(self) -> int:
+        return int(self._counts[2])
+
+    @completion_tokens.setter
+    def completion_tokens(self, value: int) -> None:
+        self._counts[2] = value
+
+    def add_completion(self, tokens: int = 1) -> None:
+        self._counts[2] += tokens
+
+    def detach(self) -> None:
+        """Keep the counts, let go of the record (it may serve another request)."""
+        if isinstance(self._counts, memoryview):
+            counts = list(self._counts)
+            self._counts.release()
+            self._counts = counts
+
+
+class _Segment:
+    def __init__(self, path: Path, slots: int) -> None:
+        self.path = path
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, slots * RECORD)
+            self.map = mmap.mmap(fd, slots * RECORD)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.map)
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = os.fstat(self._fd).st_size
-        self._last: dict[str, Usage] = {}
+    """The meters of in-flight requests, in memory-mapped segment files."""
 
-    def record(self, request_id: str, prompt: int, cached: int, completion: int) -> None:
-        usage = (prompt, cached, completion)
-        if self._last.get(request_id) == usage:
-            return
-        self._last[request_id] = usage
-        line = f"{request_id} {prompt} {cached} {completion}\n".encode()
-        os.write(self._fd, line)
-        self._size += len(line)
-        if self._size > COMPACT_BYTES:
-            self.compact()
+    def __init__(self, directory: Path, slots: int = SEGMENT_SLOTS) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        for old in directory.glob("journal.*.bin"):  # read by recovery before this
+            old.unlink()
+        self._slots_per_segment = slots
+        self._segments: list[_Segment] = []
+        self._free: list[tuple[int, int]] = []
+        self._live: dict[str, tuple[int, int, JournalMeter]] = {}
+        self._add_segment()
+
+    def _add_segment(self) -> None:
+        index = len(self._segments)
+        self._segments.append(
+            _Segment(self.directory / f"journal.{index}.bin", self._slots_per_segment)
+        )
+        self._free.extend((index, slot) for slot in range(self._slots_per_segment - 1, -1, -1))
+
+    def meter(self, request_id: str) -> JournalMeter:
+        """Claim a record for ``request_id``: its meter, starting at zero."""
+        if not self._free:
+            self._add_segment()
+        segment, slot = self._free.pop()
+        view = self._segments[segment].view
+        at = slot * RECORD
+        view[at + 1 : at + 48] = request_id.encode()[:47].ljust(47, b"\0")
+        _COUNTS.pack_into(view, at + _COUNTS_AT, 0, 0, 0)
+        view[at] = _LIVE
+        meter = JournalMeter(view[at + _COUNTS_AT : at + _COUNTS_AT + 12].cast("I"))
+        self._live[request_id] = (segment, slot, meter)
+        return meter
 
     def forget(self, request_id: str) -> None:
-        self._last.pop(request_id, None)
+        """The request is in the ledger: free its record."""
+        entry = self._live.pop(request_id, None)
+        if entry is not None:
+            segment, slot, meter = entry
+            meter.detach()
+            self._segments[segment].view[slot * RECORD] = 0
+            self._free.append((segment, slot))
 
-    def compact(self, live: Iterable[str] | None = None) -> None:
-        """Rewrite the file with the latest line of each live request."""
-        keep = self._last if live is None else {k: self._last[k] for k in live if k in self._last}
-        tmp = self.path.with_suffix(".tmp")
-        data = "".join(f"{rid} {p} {c} {n}\n" for rid, (p, c, n) in keep.items()).encode()
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = len(data)
+    @property
+    def live(self) -> int:
+        return len(self._live)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        for _, _, meter in self._live.values():
+            meter.detach()
+        self._live.clear()
+        for segment in self._segments:
+            segment.view.release()
+            segment.map.close()
+        self._segments.clear()
 
     @staticmethod
-    def read(path: Path) -> dict[str, Usage]:
+    def read(directory: Path) -> dict[str, Usage]:
+        """The usage of every request the journal says was in flight."""
         entries: dict[str, Usage] = {}
-        try:
-            text = path.read_bytes().decode("utf-8", errors="replace")
-        except FileNotFoundError:
-            return entries
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) != 4 or not all(p.isdigit() for p in parts[1:]):
-                continue  # a torn last line
-            entries[parts[0]] = (int(parts[1]), int(parts[2]), int(parts[3]))
+        for path in sorted(directory.glob("journal.*.bin")):
+            data = path.read_bytes()
+            for at in range(0, len(data) - RECORD + 1, RECORD):
+                if data[at] != _LIVE:
+                    continue
+                request_id = data[at + 1 : at + 48].rstrip(b"\0").decode(errors="replace")
+                if request_id:
+                    entries[request_id] = _COUNTS.unpack_from(data, at + _COUNTS_AT)
         return entries

@@ -271,7 +271,9 @@ class KeyStore:
         return record
 
     async def lookup(self, secret: str) -> KeyRecord | None:
-        digest = self.hasher.hash(secret)
+        return await self.lookup_hash(self.hasher.hash(secret))
+
+    async def lookup_hash(self, digest: str) -> KeyRecord | None:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and now - hit[0] < self.cache_seconds:

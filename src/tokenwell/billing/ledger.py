@@ -21,11 +21,13 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from tokenwell.billing.db import Database, api_keys, requests
 from tokenwell.billing.keys import MASTER_ID
@@ -45,8 +47,13 @@ FINAL_STATUSES = (
 )
 
 
+@lru_cache(maxsize=8)
+def _day(days: int) -> str:
+    return datetime.fromtimestamp(days * 86400, UTC).strftime("%Y-%m-%d")
+
+
 def utc_day(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+    return _day(int(ts // 86400))
 
 
 @dataclass(slots=True)
@@ -69,7 +76,8 @@ class OpenRow:
     error: str | None = None
 
     def values(self) -> dict[str, Any]:
-        closed = self.status != "open"
+        """The columns known at open; the rest keep their defaults until the close."""
+        closed = self.status != "open"  # written closed: a rejected request
         return {
             "id": self.id,
             "key_id": self.key_id,
@@ -79,17 +87,13 @@ class OpenRow:
             "n": self.n,
             "status": self.status,
             "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": 0,
-            "completion_tokens": 0,
             "reserved_nanos": 0 if closed else self.reserved_nanos,
-            "cost_nanos": 0,
-            "estimated": False,
             "created_at": self.created_at,
-            "closed_at": self.created_at if closed else None,
             "day": utc_day(self.created_at),
             "instance": self.instance,
             "user": self.user,
-            "error": self.error,
+            "closed_at": self.created_at if closed else None,
+            "error": self.error if closed else None,
         }
 
 
@@ -110,6 +114,23 @@ class CloseRow:
     error: str | None = None
     closed_at: float = field(default_factory=time.time)
 
+    def params(self) -> dict[str, Any]:
+        return {
+            "r_id": self.id,
+            "r_status": self.status,
+            "r_prompt": self.prompt_tokens,
+            "r_cached": self.cached_tokens,
+            "r_completion": self.completion_tokens,
+            "r_cost": self.cost_nanos,
+            "r_estimated": self.estimated,
+            "r_queue": self.queue_ms,
+            "r_ttft": self.ttft_ms,
+            "r_total": self.total_ms,
+            "r_closed": self.closed_at,
+            "r_error": self.error,
+            "r_open": "open",
+        }
+
 
 @dataclass(slots=True)
 class Admission:
@@ -118,6 +139,77 @@ class Admission:
     reason: str | None = None
     budget_nanos: int | None = None
     available_nanos: int | None = None
+
+
+_k = api_keys.c
+# Reserve on a key that is active and whose budget covers the amount: atomic
+# on SQLite (one writer) and PostgreSQL (row lock) alike.
+_RESERVE = (
+    update(api_keys)
+    .where(
+        _k.id == bindparam("k_id"),
+        _k.revoked_at.is_(None),
+        or_(_k.expires_at.is_(None), _k.expires_at > bindparam("k_now")),
+        or_(
+            _k.budget_nanos.is_(None),
+            _k.spent_nanos + _k.reserved_nanos + bindparam("k_amount") <= _k.budget_nanos,
+        ),
+    )
+    .values(reserved_nanos=_k.reserved_nanos + bindparam("k_amount"))
+)
+_SPEND = (
+    update(api_keys)
+    .where(_k.id == bindparam("k_id"))
+    .values(
+        spent_nanos=_k.spent_nanos + bindparam("k_cost"),
+        reserved_nanos=_k.reserved_nanos - bindparam("k_reserved"),
+    )
+)
+_LOCK_KEYS = (
+    select(_k.id)
+    .where(_k.id.in_(bindparam("k_ids", expanding=True)))
+    .order_by(_k.id)
+    .with_for_update()
+)
+_OPEN = insert(requests).values(
+    {
+        name: bindparam(name)
+        for name in (
+            "id",
+            "key_id",
+            "model",
+            "stream",
+            "include_usage",
+            "n",
+            "status",
+            "prompt_tokens",
+            "reserved_nanos",
+            "created_at",
+            "day",
+            "instance",
+            "user",
+            "closed_at",
+            "error",
+        )
+    }
+)
+_CLOSE = (
+    update(requests)
+    .where(requests.c.id == bindparam("r_id"), requests.c.status == bindparam("r_open"))
+    .values(
+        status=bindparam("r_status"),
+        prompt_tokens=bindparam("r_prompt"),
+        cached_tokens=bindparam("r_cached"),
+        completion_tokens=bindparam("r_completion"),
+        cost_nanos=bindparam("r_cost"),
+        estimated=bindparam("r_estimated"),
+        queue_ms=bindparam("r_queue"),
+        ttft_ms=bindparam("r_ttft"),
+        total_ms=bindparam("r_total"),
+        closed_at=bindparam("r_closed"),
+        error=bindparam("r_error"),
+    )
+)
 
 
 class LedgerUnavailable(Exception):
@@ -136,8 +228,12 @@ class Ledger:
         self.max_batch = max_batch
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        # Commits run on a thread of the ledger's own (see _commit).
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self.batches = 0
         self.rows = 0
+        self.thread_seconds = 0.0  # CPU time of SQLite commits on the ledger thread
+        self._compiled: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -154,6 +250,15 @@ class Ledger:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        self._thread.shutdown(wait=True)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "queued": self._queue.qsize(),
+            "thread_seconds": self.thread_seconds,
+        }
 
     async def open(self, row: OpenRow) -> Admission:
         """Write the row (write-ahead) and reserve on its key; waits for the commit."""
@@ -161,123 +266,218 @@ class Ledger:
 
     async def close(self, row: CloseRow) -> bool:
         """Close the row exactly once; True if this call closed it. Waits for the commit."""
-        return await self._submit(row)  # type: ignore[no-any-return]
+        return await asyncio.shield(self.enqueue_close(row))
+
+    def enqueue_close(self, row: CloseRow) -> asyncio.Future[bool]:
+        """Queue the close now; the future resolves when it has committed."""
+        return self._enqueue(row)
 
     async def _submit(self, row: OpenRow | CloseRow) -> Any:
+        return await asyncio.shield(self._enqueue(row))
+
+    def _enqueue(self, row: OpenRow | CloseRow) -> asyncio.Future[Any]:
         if self._task is None:
             raise LedgerUnavailable("the ledger is not running")
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Op(row, future))
-        return await asyncio.shield(future)
+        return future
 
     # -------------------------------------------------------------- the writer
 
     async def _run(self) -> None:
-        pending: list[_Op] = []
+        """Commit what is queued, opens first.
+
+        A request waits for its open to commit before it generates, while a
+        close only has to be durable eventually (the journal holds its usage
+        meanwhile). So a batch takes every waiting open and a share of the
+        waiting closes no larger than the opens, keeping admission quick
+        without letting closes pile up.
+        """
+        opens: list[_Op] = []
+        closes: list[_Op] = []
+        markers: list[_Op] = []
         delay = 0.05
         while True:
-            if not pending:
-                pending.append(await self._queue.get())
-            while len(pending) < self.max_batch and not self._queue.empty():
-                pending.append(self._queue.get_nowait())
-            batch = [op for op in pending if op.row is not None]
-            try:
-                results = await self._commit(batch)
-            except Exception as exc:
-                log.exception("ledger commit of %d rows failed", len(batch))
-                # Opens fail (their requests get a 503 and generate nothing);
-                # closes (and flush markers behind them) wait and are retried.
-                retry = []
-                for op in pending:
-                    if isinstance(op.row, OpenRow):
+            if not (opens or closes or markers):
+                self._file(await self._queue.get(), opens, closes, markers)
+            while not self._queue.empty():
+                self._file(self._queue.get_nowait(), opens, closes, markers)
+            take = opens[: self.max_batch]
+            room = self.max_batch - len(take)
+            share = max(len(take), 16) if take else room
+            batch = take + closes[: min(room, share)]
+            if batch:
+                try:
+                    results = await self._commit(batch)
+                except Exception as exc:
+                    log.exception("ledger commit of %d rows failed", len(batch))
+                    # Opens fail (their requests get a 503 and generate nothing);
+                    # closes stay queued and are retried until they commit.
+                    for op in take:
                         if not op.future.done():
                             op.future.set_exception(LedgerUnavailable(str(exc)))
-                    else:
-                        retry.append(op)
-                pending = retry
-                if any(op.row is not None for op in retry):
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    del opens[: len(take)]
+                    if closes:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 2.0)
                     continue
-            else:
                 delay = 0.05
                 for op, result in zip(batch, results, strict=True):
                     if not op.future.done():
                         op.future.set_result(result)
-            for op in pending:
-                if op.row is None and not op.future.done():
-                    op.future.set_result(True)
-            pending = []
+                del opens[: len(take)]
+                del closes[: len(batch) - len(take)]
+            if markers and not opens and not closes:
+                for op in markers:
+                    if not op.future.done():
+                        op.future.set_result(True)
+                markers.clear()
+
+    @staticmethod
+    def _file(op: _Op, opens: list[_Op], closes: list[_Op], markers: list[_Op]) -> None:
+        if op.row is None:
+            markers.append(op)
+        elif isinstance(op.row, OpenRow):
+            opens.append(op)
+        else:
+            closes.append(op)
 
     async def _commit(self, batch: list[_Op]) -> list[Any]:
+        """Run one batch as one transaction, whole, on the ledger's own thread.
+
+        One hand-off per batch instead of one per statement, and the event
+        loop, which serves every stream, does none of the SQL work (measured
+        here: PostgreSQL's metering overhead went from ~21% to ~17% when its
+        batches moved off the loop; see bench/RESULTS.md).
+        """
         if not batch:
             return []
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._thread, self._commit_in_thread, batch)
+        self.batches += 1
+        self.rows += len(batch)
+        return results
+
+    def _commit_in_thread(self, batch: list[_Op]) -> list[Any]:
+        started = time.thread_time()
+        try:
+            with self.db.sync_engine.begin() as conn:
+                return self._commit_sync(conn, batch)
+        finally:
+            self.thread_seconds += time.thread_time() - started
+
+    def _commit_sync(self, conn: Connection, batch: list[_Op]) -> list[Any]:
+        """One transaction for the whole batch, with a handful of statements.
+
+        Its cost grows with the number of keys in the batch, not of rows:
+        reservations are taken per key in one conditional UPDATE (per row only
+        when that fails, to find which rows the budget still covers), rows are
+        inserted with one executemany, and closes update every still-open row
+        with one executemany.
+        """
         opens = [op.row for op in batch if isinstance(op.row, OpenRow)]
         closes = [op.row for op in batch if isinstance(op.row, CloseRow)]
         results: dict[int, Any] = {}
-        async with self.db.engine.begin() as conn:
-            keys = sorted({r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID})
-            if keys and self.db.dialect == "postgresql":
-                # Lock the keys in one order, so concurrent replicas never deadlock.
-                await conn.execute(
-                    select(api_keys.c.id)
-                    .where(api_keys.c.id.in_(keys))
-                    .order_by(api_keys.c.id)
-                    .with_for_update()
-                )
-            now = time.time()
-            rows = []
-            for row in opens:
-                admission = Admission(True)
-                if row.status == "open" and row.check_key and row.key_id != MASTER_ID:
-                    admission = await self._reserve(conn, row, now)
-                    if not admission.ok:
-                        row.status = "rejected"
-                        row.error = f"refused: {admission.reason}"
-                results[id(row)] = admission
-                rows.append(row.values())
-            if rows:
-                await conn.execute(insert(requests), rows)
-            spend: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-            for row in closes:
-                closed = await self._close(conn, row)
-                results[id(row)] = closed
-                if closed and row.key_id != MASTER_ID:
-                    spend[row.key_id][0] += row.cost_nanos
-                    spend[row.key_id][1] += row.reserved_nanos
-            for key_id in sorted(spend):
-                cost, reserved = spend[key_id]
-                await conn.execute(
-                    update(api_keys)
-                    .where(api_keys.c.id == key_id)
-                    .values(
-                        spent_nanos=api_keys.c.spent_nanos + cost,
-                        reserved_nanos=api_keys.c.reserved_nanos - reserved,
-                    )
-                )
-        self.batches += 1
-        self.rows += len(batch)
+        keys = sorted({r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID})
+        if len(keys) > 1 and self.db.dialect == "postgresql":
+            # Lock the keys in one order, so concurrent replicas never deadlock
+            # (a transaction that touches one key cannot be part of a cycle).
+            conn.execute(_LOCK_KEYS, {"k_ids": keys})
+        self._open_rows(conn, opens, results)
+        self._close_rows(conn, closes, results)
         return [results[id(op.row)] for op in batch]
 
-    async def _reserve(self, conn: Any, row: OpenRow, now: float) -> Admission:
-        c = api_keys.c
-        result = await conn.execute(
-            update(api_keys)
-            .where(
-                c.id == row.key_id,
-                c.revoked_at.is_(None),
-                or_(c.expires_at.is_(None), c.expires_at > now),
-                or_(
-                    c.budget_nanos.is_(None),
-                    c.spent_nanos + c.reserved_nanos + row.reserved_nanos <= c.budget_nanos,
-                ),
-            )
-            .values(reserved_nanos=c.reserved_nanos + row.reserved_nanos)
+    def _open_rows(self, conn: Connection, opens: list[OpenRow], results: dict[int, Any]) -> None:
+        now = time.time()
+        by_key: dict[str, list[OpenRow]] = defaultdict(list)
+        for row in opens:
+            if row.status == "open" and row.check_key and row.key_id != MASTER_ID:
+                by_key[row.key_id].append(row)
+            else:
+                results[id(row)] = Admission(True)
+        for key_id in sorted(by_key):
+            rows = by_key[key_id]
+            total = sum(r.reserved_nanos for r in rows)
+            taken = conn.execute(_RESERVE, {"k_id": key_id, "k_now": now, "k_amount": total})
+            if taken.rowcount == 1:
+                for row in rows:
+                    results[id(row)] = Admission(True)
+                continue
+            for row in rows:  # not all fit (or the key is gone): row by row
+                admission = self._reserve(conn, row, now)
+                if not admission.ok:
+                    row.status = "rejected"
+                    row.error = f"refused: {admission.reason}"
+                results[id(row)] = admission
+        if opens:
+            self._executemany(conn, _OPEN, [row.values() for row in opens])
+
+    def _close_rows(
+        self, conn: Connection, closes: list[CloseRow], results: dict[int, Any]
+    ) -> None:
+        if not closes:
+            return
+        query = select(requests.c.id).where(
+            requests.c.id.in_([r.id for r in closes]), requests.c.status == "open"
         )
-        if result.rowcount == 1:
+        if self.db.dialect == "postgresql":
+            query = query.with_for_update()
+        still_open = set((conn.execute(query)).scalars())
+        todo: list[CloseRow] = []
+        for row in closes:
+            first = row.id in still_open
+            still_open.discard(row.id)  # the same request twice in a batch closes once
+            results[id(row)] = first
+            if first:
+                todo.append(row)
+        if not todo:
+            return
+        done = self._executemany(conn, _CLOSE, [row.params() for row in todo])
+        if done.rowcount not in (-1, len(todo)):  # pragma: no cover - another writer raced us
+            raise RuntimeError("ledger rows changed under the batch; retrying")
+        spend: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for row in todo:
+            if row.key_id != MASTER_ID:
+                spend[row.key_id][0] += row.cost_nanos
+                spend[row.key_id][1] += row.reserved_nanos
+        if spend:
+            conn.execute(
+                _SPEND,
+                [
+                    {"k_id": key, "k_cost": cost, "k_reserved": reserved}
+                    for key, (cost, reserved) in sorted(spend.items())
+                ],
+            )
+
+    def _executemany(self, conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> Any:
+        """Run a per-row statement for many rows straight through the driver.
+
+        SQLAlchemy writes the SQL (once per dialect); the driver's own
+        executemany binds the rows, without SQLAlchemy's per-row processing,
+        which was half the ledger's cost per request here.
+        """
+        key = (id(statement), conn.dialect.name)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            done = statement.compile(dialect=conn.dialect)
+            # Positional styles (sqlite's "?") take tuples in bind order; named
+            # ones (psycopg's "%(name)s") take the rows as they are.
+            names = tuple(done.positiontup) if done.positional and done.positiontup else None
+            compiled = self._compiled[key] = (done.string, names)
+        sql, names = compiled
+        if names is None:
+            return conn.exec_driver_sql(sql, rows)
+        return conn.exec_driver_sql(sql, [tuple(row[name] for name in names) for row in rows])
+
+    def _reserve(self, conn: Connection, row: OpenRow, now: float) -> Admission:
+        taken = conn.execute(
+            _RESERVE, {"k_id": row.key_id, "k_now": now, "k_amount": row.reserved_nanos}
+        )
+        if taken.rowcount == 1:
             return Admission(True)
+        c = api_keys.c
         key = (
-            await conn.execute(
+            conn.execute(
                 select(
                     c.revoked_at, c.expires_at, c.budget_nanos, c.spent_nanos, c.reserved_nanos
                 ).where(c.id == row.key_id)
@@ -291,26 +491,6 @@ class Ledger:
             return Admission(False, "expired")
         available = max((key.budget_nanos or 0) - key.spent_nanos - key.reserved_nanos, 0)
         return Admission(False, "budget", key.budget_nanos, available)
-
-    async def _close(self, conn: Any, row: CloseRow) -> bool:
-        result = await conn.execute(
-            update(requests)
-            .where(and_(requests.c.id == row.id, requests.c.status == "open"))
-            .values(
-                status=row.status,
-                prompt_tokens=row.prompt_tokens,
-                cached_tokens=row.cached_tokens,
-                completion_tokens=row.completion_tokens,
-                cost_nanos=row.cost_nanos,
-                estimated=row.estimated,
-                queue_ms=row.queue_ms,
-                ttft_ms=row.ttft_ms,
-                total_ms=row.total_ms,
-                closed_at=row.closed_at,
-                error=row.error,
-            )
-        )
-        return bool(result.rowcount == 1)
 
     async def open_rows(self, instance: str) -> list[Any]:
         async with self.db.engine.connect() as conn:

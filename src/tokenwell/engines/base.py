@@ -6,7 +6,9 @@ the meter, so a request that ends early is billed for exactly what was made.
 
     prepare(request)  -> Prepared     checks that need the model (context length);
                                       raises APIError before the first byte
-    submit(prepared)  -> Generation   queues the work; raises Overloaded when full
+    submit(prepared, meter) -> Generation
+                                      queues the work, counting into ``meter``;
+                                      raises Overloaded when full
     generation.next_batch(timeout)    events as they come, [] on timeout
     generation.cancel()               stop generating (client went away)
     await generation.closed()         the engine let go: the meter is final
@@ -170,7 +172,8 @@ class Engine(ABC):
     def prepare(self, request: ChatRequest) -> Prepared: ...
 
     @abstractmethod
-    def submit(self, prepared: Prepared) -> Generation: ...
+    def submit(self, prepared: Prepared, meter: Meter | None = None) -> Generation:
+        """Start generating; every token made is counted into ``meter``."""
 
     def stats(self) -> dict[str, Any]:
         """Numbers for /health and /metrics (queue depth, running sequences…)."""

@@ -35,6 +35,7 @@ from tokenwell.protocol.events import (
     Event,
     Failed,
     Finish,
+    Meter,
     TextDelta,
     ToolCallArguments,
     ToolCallStart,
@@ -181,7 +182,7 @@ class ScriptedEngine(Engine):
             )
         return Prepared(request, prompt, request.max_tokens or room, payload=self._plan(request))
 
-    def submit(self, prepared: Prepared) -> Generation:
+    def submit(self, prepared: Prepared, meter: Meter | None = None) -> Generation:
         if not self._ready:
             raise Overloaded(
                 f"The model `{self.model_id}` is not ready.", headers={"Retry-After": "1"}
@@ -191,7 +192,7 @@ class ScriptedEngine(Engine):
                 f"The model `{self.model_id}` is at capacity; retry after a short wait.",
                 headers={"Retry-After": "1"},
             )
-        generation = Generation(prepared.request.n)
+        generation = Generation(prepared.request.n, meter)
         task = asyncio.create_task(self._run(generation, prepared))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -235,7 +236,7 @@ class ScriptedEngine(Engine):
             await asyncio.sleep(plan.delay)
             events: list[Event] = []
             for choice in sorted(live):
-                gen.meter.completion_tokens += 1
+                gen.meter.add_completion()
                 self.generated += 1
                 released = texts[choice].push(piece.encode())
                 if released.text:
@@ -261,7 +262,7 @@ class ScriptedEngine(Engine):
                 events.append(ToolCallStart(choice, index, f"call_{index}_{choice}", call.name))
                 for fragment in call.chunks or [call.arguments]:
                     events.append(ToolCallArguments(choice, index, fragment))
-                    gen.meter.completion_tokens += 1
+                    gen.meter.add_completion()
             reason: Any = plan.finish or ("tool_calls" if plan.calls else "stop")
             events.append(Finish(choice, reason))
         gen.push(events)

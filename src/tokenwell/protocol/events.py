@@ -53,15 +53,38 @@ class Failed:
 Event = TextDelta | ToolCallStart | ToolCallArguments | Finish | Failed
 
 
-@dataclass(slots=True)
 class Meter:
-    """Tokens a request has used so far. Billing reads this, never the stream."""
+    """Tokens a request has used so far. Billing reads this, never the stream.
 
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    # True when the counts come from an estimate (an upstream that sent no usage).
-    estimated: bool = False
+    Engines only add to it. The server may hand an engine a meter whose counts
+    live in the crash journal (``billing.journal``), so that what an engine
+    counts is on disk, as it counts it.
+    """
+
+    __slots__ = ("cached_tokens", "completion_tokens", "estimated", "prompt_tokens")
+
+    def __init__(
+        self,
+        prompt_tokens: int = 0,
+        cached_tokens: int = 0,
+        completion_tokens: int = 0,
+        estimated: bool = False,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.completion_tokens = completion_tokens
+        # True when the counts come from an estimate (an upstream that sent no usage).
+        self.estimated = estimated
+
+    def __repr__(self) -> str:
+        return (
+            f"Meter(prompt_tokens={self.prompt_tokens}, cached_tokens={self.cached_tokens}, "
+            f"completion_tokens={self.completion_tokens}, estimated={self.estimated})"
+        )
+
+    def add_completion(self, tokens: int = 1) -> None:
+        """Count generated tokens (one call, on the engines' hot path)."""
+        self.completion_tokens += tokens
 
     @property
     def total_tokens(self) -> int:

@@ -7,7 +7,7 @@ arrive; ``CompletionBuilder`` folds the same events into one
 
 from __future__ import annotations
 
-import secrets
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +25,17 @@ from tokenwell.protocol.events import (
     ToolCallStart,
 )
 
+_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
 
 def completion_id() -> str:
-    return "chatcmpl-" + secrets.token_urlsafe(21).replace("-", "x").replace("_", "y")
+    # An identifier, not a secret: the process's seeded PRNG (no system call).
+    bits = random.getrandbits(168)
+    chars = []
+    for _ in range(28):
+        bits, digit = divmod(bits, 62)
+        chars.append(_ALPHABET[digit])
+    return "chatcmpl-" + "".join(chars)
 
 
 @dataclass(slots=True)

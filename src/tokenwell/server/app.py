@@ -107,18 +107,22 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
         prices = {m.name: m.price for m in settings.models}
         for engine in engines:
             prices.setdefault(engine.model_id, engine.config.price)
-        accounting = Accounting(keys, ledger, limiter, master, instance.id, prices)
+        accounting = Accounting(
+            keys, ledger, limiter, master, instance.id, prices, metering=settings.metering
+        )
+        if not settings.metering:
+            log.warning("metering is OFF: requests are not recorded, limited or billed")
         # Close what a crash left open, before this run writes anything new.
-        recovered = await accounting.recover(Journal.read(instance.journal_path))
+        recovered = await accounting.recover(Journal.read(instance.journal_dir))
         if recovered:
             log.warning("closed %d request(s) left open by an earlier crash", recovered)
-        journal = Journal(instance.journal_path)
-        journal.compact(live=())
+        journal = Journal(instance.journal_dir)
         accounting.journal = journal
 
         registry = ModelRegistry(engines)
         metrics = Metrics()
         metrics.watch_engines(lambda: {e.model_id: e.stats() for e in registry})
+        metrics.watch_ledger(ledger.stats)
         services = Services(
             settings=settings,
             db=db,

@@ -57,7 +57,7 @@ def key_secret(settings: Settings) -> str:
 @dataclass
 class Instance:
     id: str
-    journal_path: Path
+    journal_dir: Path
     _lock: IO[str]
 
     def release(self) -> None:
@@ -78,4 +78,4 @@ def claim_instance(settings: Settings) -> Instance:
             "give each server its own (--data-dir or TOKENWELL_DATA_DIR)"
         ) from exc
     ident = _secret_file(data / "instance", "inst_" + secrets.token_hex(8))
-    return Instance(ident, data / "journal.log", lock)
+    return Instance(ident, data / "journal", lock)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 
 from starlette.requests import Request
 from starlette.types import ASGIApp
@@ -73,16 +73,18 @@ class ChatService:
         prepared = engine.prepare(chat)
         ticket = await self.accounting.admit(key, prepared)
         try:
-            generation = engine.submit(prepared)
+            generation = engine.submit(prepared, ticket.meter)
         except APIError as exc:
             await ticket.settle(Meter(), "rejected", error=exc.message)
+            await ticket.durable()
             self.metrics.request_done(chat.model, "rejected")
             exc.headers.setdefault("x-request-id", ticket.request_id)
             raise
         self.metrics.request_started(chat.model)
 
-        async def settle(gen: Generation, outcome: Outcome) -> None:
+        async def settle(gen: Generation, outcome: Outcome) -> Awaitable[None]:
             await self._settle(ticket, gen, outcome)
+            return ticket.durable()
 
         return GenerationResponse(
             generation,
@@ -92,7 +94,6 @@ class ChatService:
             logprobs=chat.logprobs,
             keepalive=self.keepalive_seconds,
             settle=settle,
-            progress=lambda gen: ticket.progress(gen.meter),
             headers=ticket.headers,
             started_at=started,
         )

@@ -56,8 +56,8 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-Settle = Callable[[Generation, Outcome], Awaitable[None]]
-Progress = Callable[[Generation], None]
+# Settling returns what to await for the bill to be durable (after the last bytes).
+Settle = Callable[[Generation, Outcome], Awaitable[Awaitable[None]]]
 
 
 class GenerationResponse:
@@ -71,7 +71,6 @@ class GenerationResponse:
         logprobs: bool,
         keepalive: float,
         settle: Settle,
-        progress: Progress | None = None,
         headers: dict[str, str] | None = None,
         started_at: float | None = None,
     ) -> None:
@@ -82,11 +81,11 @@ class GenerationResponse:
         self.logprobs = logprobs
         self.keepalive = keepalive
         self._settle = settle
-        self._progress = progress
         self.headers = headers or {}
         self.outcome = Outcome("completed", started_at or time.perf_counter())
         self.disconnected = False
         self._finished = False
+        self._durable: Awaitable[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._watch(receive))
@@ -103,7 +102,16 @@ class GenerationResponse:
             raise
         finally:
             watcher.cancel()
-            await asyncio.shield(self._finish())
+            await asyncio.shield(self._close())
+
+    async def _close(self) -> None:
+        await self._finish()
+        durable, self._durable = self._durable, None
+        if durable is not None:
+            try:
+                await durable
+            except Exception:
+                log.exception("committing the ledger row of %s failed", self.ident.id)
 
     async def _watch(self, receive: Receive) -> None:
         while True:
@@ -144,7 +152,7 @@ class GenerationResponse:
         else:
             outcome.status = "interrupted"
         try:
-            await self._settle(gen, outcome)
+            self._durable = await self._settle(gen, outcome)
         except Exception:
             log.exception("settling request %s failed", self.ident.id)
 
@@ -164,7 +172,6 @@ class GenerationResponse:
         )
         gen = self.generation
         renderer = StreamRenderer(self.ident, self.include_usage)
-        progress = self._progress
         while not self.disconnected:
             events = await gen.next_batch(self.keepalive)
             if not events:
@@ -175,15 +182,13 @@ class GenerationResponse:
             if gen.first_token_at is None:
                 _mark_first(gen, events)
             out = b"".join(renderer.render(event) for event in events)
-            if progress is not None:
-                progress(gen)  # the journal knows what is billed before the client sees it
             if not self.disconnected:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             if gen.failure is not None:
                 break
         if self.disconnected:
             return
-        # Billed before [DONE]: a client that saw the end can see its spend.
+        # Billed (journaled, limits trued up, ledger close queued) before [DONE].
         await asyncio.shield(self._finish())
         if not gen.done and gen.failure is None:
             # The engine let go without finishing (shut down): say so.
@@ -207,8 +212,6 @@ class GenerationResponse:
                 _mark_first(gen, events)
             for event in events:
                 builder.add(event)
-            if self._progress is not None:
-                self._progress(gen)
         if self.disconnected:
             return
         await asyncio.shield(self._finish())

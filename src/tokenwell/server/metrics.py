@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tokenwell.protocol.events import Meter
@@ -28,6 +28,30 @@ class _EngineStats(Collector):
                 if name in values:
                     family.add_metric([model], float(values[name]))
             yield family
+
+
+class _LedgerStats(Collector):
+    def __init__(self, source: Callable[[], dict[str, float]]) -> None:
+        self._source = source
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        stats = self._source()
+        yield CounterMetricFamily(
+            "tokenwell_ledger_commits", "Ledger transactions committed", value=stats["batches"]
+        )
+        yield CounterMetricFamily(
+            "tokenwell_ledger_rows",
+            "Ledger writes (opens and closes) committed",
+            value=stats["rows"],
+        )
+        yield GaugeMetricFamily(
+            "tokenwell_ledger_queue", "Ledger writes waiting for a commit", value=stats["queued"]
+        )
+        yield CounterMetricFamily(
+            "tokenwell_ledger_commit_cpu_seconds",
+            "CPU time of ledger commits on the ledger thread (SQLite)",
+            value=stats["thread_seconds"],
+        )
 
 
 class Metrics:
@@ -58,6 +82,9 @@ class Metrics:
 
     def watch_engines(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.registry.register(_EngineStats(source))
+
+    def watch_ledger(self, source: Callable[[], dict[str, float]]) -> None:
+        self.registry.register(_LedgerStats(source))
 
     def request_started(self, model: str) -> None:
         self.in_flight.labels(model).inc()

@@ -15,6 +15,7 @@ from tokenwell.engines.llamacpp.sampling import SamplingParams, seed32
 from tokenwell.engines.llamacpp.scheduler import Job, Scheduler
 from tokenwell.engines.llamacpp.settings import parse_settings
 from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
+from tokenwell.protocol.events import Meter
 from tokenwell.protocol.requests import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class LlamaCppEngine(Engine):
         max_tokens = request.max_tokens or room
         return Prepared(request, len(prompt), max_tokens, payload=(prompt, rendered))
 
-    def submit(self, prepared: Prepared) -> Generation:
+    def submit(self, prepared: Prepared, meter: Meter | None = None) -> Generation:
         _, scheduler = self._loaded()
         if scheduler.queued >= self.settings.max_queue:
             raise Overloaded(
@@ -136,7 +137,7 @@ class LlamaCppEngine(Engine):
         ]
         # The meter counts the prompt once a slot starts on it: a request
         # cancelled while it waits is billed nothing.
-        generation = Generation(request.n)
+        generation = Generation(request.n, meter)
         job = Job(
             generation=generation,
             prompt=prompt,

@@ -445,7 +445,7 @@ class Scheduler:
         job = seq.job
         model = self.model
         seq.generated += 1
-        job.generation.meter.completion_tokens += 1
+        job.generation.meter.add_completion()
         self.tokens_generated += 1
         out = events.setdefault(job.generation, [])
         if model.is_eog(token):

@@ -1,0 +1,137 @@
+"""A lean load generator: N keep-alive connections posting the same request.
+
+The client shares the 2 cores with the server, so it must cost as little as
+possible: raw asyncio streams, HTTP/1.1 with keep-alive, chunked decoding,
+and no JSON parsing. It times each request (first content byte, end) and
+checks that streams end in ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from bench.common import median, pct
+
+_CONTENT = b'"content":"'
+
+
+@dataclass
+class LoadResult:
+    requests: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "requests_per_s": round(self.rps, 1),
+            "ttft_p50_ms": round(median(self.ttfts) * 1000, 3),
+            "ttft_p99_ms": round(pct(self.ttfts, 99) * 1000, 3),
+        }
+
+
+def _request(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[str, int, bytes]:
+    parts = urlsplit(url)
+    payload = orjson.dumps(body)
+    lines = [
+        f"POST {parts.path} HTTP/1.1",
+        f"Host: {parts.hostname}:{parts.port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(payload)}",
+        *[f"{k}: {v}" for k, v in headers.items()],
+    ]
+    raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + payload
+    return parts.hostname or "127.0.0.1", parts.port or 80, raw
+
+
+async def _one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes, start: float
+) -> tuple[bool, float | None, bool]:
+    """One request on an open connection: (ok, ttft, keep the connection)."""
+    writer.write(raw)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    lower = head.lower()
+    keep = b"connection: close" not in lower
+    ttft = None
+    tail = b""
+    if b"transfer-encoding: chunked" in lower:
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                break
+            data = await reader.readexactly(size + 2)
+            if ttft is None:
+                at = data.find(_CONTENT)
+                while at >= 0:
+                    if data[at + len(_CONTENT) : at + len(_CONTENT) + 1] != b'"':
+                        ttft = time.perf_counter() - start
+                        break
+                    at = data.find(_CONTENT, at + 1)
+            tail = (tail + data)[-64:]
+    else:
+        length = 0
+        for line in lower.split(b"\r\n"):
+            if line.startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        tail = await reader.readexactly(length)
+        ttft = time.perf_counter() - start
+    ok = status == 200 and (b"[DONE]" in tail or not tail.startswith(b"data"))
+    return ok, ttft, keep
+
+
+async def run_load(
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None,
+    concurrency: int,
+    seconds: float,
+    warmup: float = 1.0,
+) -> LoadResult:
+    host, port, raw = _request(url, body, headers or {})
+    result = LoadResult()
+    measuring = asyncio.Event()
+    deadline = time.perf_counter() + warmup + seconds
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < deadline:
+                start = time.perf_counter()
+                try:
+                    ok, ttft, keep = await _one(reader, writer, raw, start)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    ok, ttft, keep = False, None, False
+                if measuring.is_set() and time.perf_counter() < deadline:
+                    if ok:
+                        result.requests += 1
+                        if ttft is not None:
+                            result.ttfts.append(ttft)
+                    else:
+                        result.errors += 1
+                if not keep:
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup)
+    measuring.set()
+    began = time.perf_counter()
+    await asyncio.gather(*tasks)
+    result.seconds = min(time.perf_counter(), deadline) - began
+    return result
