@@ -183,3 +183,47 @@ def sse_events(body: bytes) -> list[str]:
     events = decoder.feed(body)
     assert all(e.event is None and e.id is None for e in events), "no event:/id: lines"
     return [e.data for e in events]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeUpstream:
+    """``tests/fakes/upstream.py`` in a subprocess."""
+
+    def __init__(self, log_dir: Path, sick: bool = False, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/v1"
+        args = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(self.port)]
+        if sick:
+            args.append("--sick")
+        self.log = (log_dir / f"fake-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.base}/stats", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("fake upstream did not start")
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.base}/stats").json()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.log.close()
+
+
+def gateway_config(models: dict[str, str], **options: object) -> str:
+    """One upstream model per (name → TOML urls value)."""
+    extra = "".join(f"{k} = {v}\n" for k, v in options.items())
+    return "".join(
+        f'[[models]]\nname = "{name}"\nengine = "upstream"\nurls = {urls}\n'
+        f"price = {{ prompt = 1.0, completion = 2.0 }}\n{extra}\n"
+        for name, urls in models.items()
+    )

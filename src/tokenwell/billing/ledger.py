@@ -223,9 +223,10 @@ class _Op:
 
 
 class Ledger:
-    def __init__(self, db: Database, max_batch: int = 256) -> None:
+    def __init__(self, db: Database, max_batch: int = 256, close_linger: float = 0.005) -> None:
         self.db = db
         self.max_batch = max_batch
+        self.close_linger = close_linger
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         # Commits run on a thread of the ledger's own (see _commit).
@@ -234,6 +235,7 @@ class Ledger:
         self.rows = 0
         self.thread_seconds = 0.0  # CPU time of SQLite commits on the ledger thread
         self._compiled: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
+        self._conn: Connection | None = None  # used on the ledger thread only
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -250,6 +252,7 @@ class Ledger:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_connection)
         self._thread.shutdown(wait=True)
 
     def stats(self) -> dict[str, float]:
@@ -302,6 +305,15 @@ class Ledger:
                 self._file(await self._queue.get(), opens, closes, markers)
             while not self._queue.empty():
                 self._file(self._queue.get_nowait(), opens, closes, markers)
+            if closes and not opens and not markers and len(closes) < self.max_batch:
+                # Closes may wait a moment: more of them share the commit, and an
+                # open arriving meanwhile finds the writer free instead of queueing
+                # behind them.
+                with contextlib.suppress(TimeoutError):
+                    op = await asyncio.wait_for(self._queue.get(), self.close_linger)
+                    self._file(op, opens, closes, markers)
+                    while not self._queue.empty():
+                        self._file(self._queue.get_nowait(), opens, closes, markers)
             take = opens[: self.max_batch]
             room = self.max_batch - len(take)
             share = max(len(take), 16) if take else room
@@ -361,10 +373,23 @@ class Ledger:
     def _commit_in_thread(self, batch: list[_Op]) -> list[Any]:
         started = time.thread_time()
         try:
-            with self.db.sync_engine.begin() as conn:
-                return self._commit_sync(conn, batch)
+            # One connection, kept open on this thread for the ledger's life.
+            if self._conn is None or self._conn.closed:
+                self._conn = self.db.sync_engine.connect()
+            try:
+                with self._conn.begin():
+                    return self._commit_sync(self._conn, batch)
+            except Exception:
+                self._conn.close()
+                self._conn = None
+                raise
         finally:
             self.thread_seconds += time.thread_time() - started
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _commit_sync(self, conn: Connection, batch: list[_Op]) -> list[Any]:
         """One transaction for the whole batch, with a handful of statements.
@@ -398,7 +423,9 @@ class Ledger:
         for key_id in sorted(by_key):
             rows = by_key[key_id]
             total = sum(r.reserved_nanos for r in rows)
-            taken = conn.execute(_RESERVE, {"k_id": key_id, "k_now": now, "k_amount": total})
+            taken = self._executemany(
+                conn, _RESERVE, [{"k_id": key_id, "k_now": now, "k_amount": total}]
+            )
             if taken.rowcount == 1:
                 for row in rows:
                     results[id(row)] = Admission(True)
@@ -441,7 +468,8 @@ class Ledger:
                 spend[row.key_id][0] += row.cost_nanos
                 spend[row.key_id][1] += row.reserved_nanos
         if spend:
-            conn.execute(
+            self._executemany(
+                conn,
                 _SPEND,
                 [
                     {"k_id": key, "k_cost": cost, "k_reserved": reserved}
@@ -450,7 +478,7 @@ class Ledger:
             )
 
     def _executemany(self, conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> Any:
-        """Run a per-row statement for many rows straight through the driver.
+        """Run a statement (for one row or many) straight through the driver.
 
         SQLAlchemy writes the SQL (once per dialect); the driver's own
         executemany binds the rows, without SQLAlchemy's per-row processing,
@@ -470,8 +498,8 @@ class Ledger:
         return conn.exec_driver_sql(sql, [tuple(row[name] for name in names) for row in rows])
 
     def _reserve(self, conn: Connection, row: OpenRow, now: float) -> Admission:
-        taken = conn.execute(
-            _RESERVE, {"k_id": row.key_id, "k_now": now, "k_amount": row.reserved_nanos}
+        taken = self._executemany(
+            conn, _RESERVE, [{"k_id": row.key_id, "k_now": now, "k_amount": row.reserved_nanos}]
         )
         if taken.rowcount == 1:
             return Admission(True)

@@ -6,7 +6,7 @@ Engines emit these; ``protocol.render`` turns them into the wire format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
@@ -43,11 +43,28 @@ class Finish:
 
 @dataclass(slots=True, frozen=True)
 class Failed:
-    """The generation cannot go on; the client gets an error (event)."""
+    """The generation cannot go on; the client gets an error (event).
+
+    Before the first byte it becomes an HTTP error with ``http_status`` (and
+    ``headers``, e.g. Retry-After); after it, an error event then [DONE].
+    """
 
     message: str
     code: str | None = None
     status: Literal["upstream_error", "server_error"] = "server_error"
+    http_status: int | None = None
+    headers: dict[str, str] | None = field(default=None, hash=False, compare=False)
+    error_type: str | None = None
+
+    @property
+    def type(self) -> str:
+        return self.error_type or "server_error"
+
+    @property
+    def http(self) -> int:
+        if self.http_status is not None:
+            return self.http_status
+        return 502 if self.status == "upstream_error" else 500
 
 
 Event = TextDelta | ToolCallStart | ToolCallArguments | Finish | Failed

@@ -83,7 +83,7 @@ class StreamRenderer:
     def render(self, event: Event) -> bytes:
         """The SSE bytes for one event (with the role chunk first, for a new choice)."""
         if isinstance(event, Failed):
-            return self.error(event.message, event.code)
+            return self.error(event.message, event.code, event.type)
         out = b""
         if event.choice not in self._started:
             first_is_call = isinstance(event, ToolCallStart)

@@ -44,23 +44,26 @@ class SSEDecoder:
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._pending_cr = False
-        data = self._buffer + chunk
+        data = self._buffer + chunk if self._buffer else chunk
         events: list[ServerSentEvent] = []
         start = 0
-        length = len(data)
-        i = 0
-        while i < length:
-            byte = data[i]
-            if byte == 0x0A or byte == 0x0D:
-                self._line(data[start:i], events)
-                if byte == 0x0D:
-                    if i + 1 < length:
-                        if data[i + 1] == 0x0A:
-                            i += 1
-                    else:
-                        self._pending_cr = True
-                start = i + 1
-            i += 1
+        end = len(data)
+        # Lines end in LF, CR or CRLF; find them with C-speed searches.
+        while start < end:
+            lf = data.find(b"\n", start)
+            cr = data.find(b"\r", start, lf if lf >= 0 else end)
+            if cr >= 0:
+                self._line(data[start:cr], events)
+                if cr + 1 < end:
+                    start = cr + 2 if data[cr + 1] == 0x0A else cr + 1
+                else:
+                    self._pending_cr = True
+                    start = end
+                continue
+            if lf < 0:
+                break
+            self._line(data[start:lf], events)
+            start = lf + 1
         self._buffer = data[start:]
         return events
 

@@ -20,7 +20,6 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from tokenwell.engines.base import Generation
-from tokenwell.errors import APIError, ServerError, UpstreamFailed
 from tokenwell.protocol import sse
 from tokenwell.protocol.events import Failed, TextDelta, ToolCallStart
 from tokenwell.protocol.render import CompletionBuilder, Identity, StreamRenderer
@@ -159,21 +158,22 @@ class GenerationResponse:
     # ------------------------------------------------------------------ stream
 
     async def _send_stream(self, send: Send) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    *_headers(self.headers, b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                ],
-            }
-        )
         gen = self.generation
         renderer = StreamRenderer(self.ident, self.include_usage)
+        started = False
         while not self.disconnected:
             events = await gen.next_batch(self.keepalive)
+            if not started:
+                if events and isinstance(events[0], Failed):
+                    # Nothing was sent yet: an ordinary HTTP error, never a 200.
+                    await asyncio.shield(self._finish())
+                    await self._send_error(send, events[0])
+                    return
+                if not events and gen.exhausted:
+                    break
+                # The first event, or a keep-alive that cannot wait: commit to 200.
+                await self._start_stream(send)
+                started = True
             if not events:
                 if gen.exhausted:
                     break
@@ -190,6 +190,9 @@ class GenerationResponse:
             return
         # Billed (journaled, limits trued up, ledger close queued) before [DONE].
         await asyncio.shield(self._finish())
+        if not started:
+            await self._send_error(send, _interrupted())
+            return
         if not gen.done and gen.failure is None:
             # The engine let go without finishing (shut down): say so.
             tail = StreamRenderer.error("The generation was interrupted.", "interrupted")
@@ -198,6 +201,42 @@ class GenerationResponse:
         else:
             tail = b""
         await send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
+
+    async def _start_stream(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    *_headers(self.headers, b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+
+    async def _send_error(self, send: Send, failure: Failed) -> None:
+        body = orjson.dumps(
+            {
+                "error": {
+                    "message": failure.message,
+                    "type": failure.type,
+                    "param": None,
+                    "code": failure.code,
+                }
+            }
+        )
+        await send(
+            {
+                "type": "http.response.start",
+                "status": failure.http,
+                "headers": [
+                    *_headers({**self.headers, **(failure.headers or {})}, b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     # ------------------------------------------------------------------ JSON
 
@@ -216,19 +255,13 @@ class GenerationResponse:
             return
         await asyncio.shield(self._finish())
         if gen.failure is not None or not gen.done:
-            failure = gen.failure or Failed("The generation was interrupted.", "interrupted")
-            error: APIError = (
-                UpstreamFailed(failure.message, code=failure.code)
-                if failure.status == "upstream_error"
-                else ServerError(failure.message, code=failure.code)
-            )
-            body, status = orjson.dumps(error.body()), error.status
-        else:
-            body, status = orjson.dumps(builder.build(gen.meter)), 200
+            await self._send_error(send, gen.failure or _interrupted())
+            return
+        body = orjson.dumps(builder.build(gen.meter))
         await send(
             {
                 "type": "http.response.start",
-                "status": status,
+                "status": 200,
                 "headers": [
                     *_headers(self.headers, b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -236,6 +269,10 @@ class GenerationResponse:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _interrupted() -> Failed:
+    return Failed("The generation was interrupted.", "interrupted", http_status=503)
 
 
 def _mark_first(gen: Generation, events: list[Any]) -> None:

@@ -1,0 +1,105 @@
+"""The replicas behind one upstream model: balancing and health.
+
+A request goes to the healthy replica with the fewest requests outstanding.
+A replica that fails a request (no connection, a 5xx) leaves the pool at
+once; every ``health_interval`` each replica's ``/models`` is asked, and one
+that answers comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+
+from tokenwell.engines.upstream.settings import UpstreamURL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Replica:
+    url: str
+    api_key: str | None
+    model: str | None
+    outstanding: int = 0
+    healthy: bool = True
+    served: int = 0
+    last_error: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+
+class Pool:
+    def __init__(
+        self, urls: list[UpstreamURL], client: aiohttp.ClientSession, interval: float
+    ) -> None:
+        self.replicas = [Replica(u.url, u.api_key, u.model) for u in urls]
+        self.client = client
+        self.interval = interval
+        self._turn = itertools.count()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.check_all()
+        self._task = asyncio.create_task(self._loop(), name="upstream-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    @property
+    def healthy(self) -> list[Replica]:
+        return [r for r in self.replicas if r.healthy]
+
+    def pick(self, exclude: set[Replica]) -> Replica | None:
+        """The healthy replica with the fewest outstanding requests (ties rotate)."""
+        candidates = [r for r in self.replicas if r.healthy and r not in exclude]
+        if not candidates:
+            return None
+        turn = next(self._turn)
+        least = min(r.outstanding for r in candidates)
+        tied = [r for r in candidates if r.outstanding == least]
+        return tied[turn % len(tied)]
+
+    def failed(self, replica: Replica, reason: str) -> None:
+        if replica.healthy:
+            log.warning("upstream %s left the pool: %s", replica.url, reason)
+        replica.healthy = False
+        replica.last_error = reason
+
+    async def check(self, replica: Replica) -> None:
+        try:
+            async with self.client.get(
+                f"{replica.url}/models",
+                headers=replica.headers(),
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as response:
+                await response.read()
+                ok = response.status == 200
+                reason = None if ok else f"health check answered {response.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ok, reason = False, f"health check failed: {exc!r}"
+        if ok and not replica.healthy:
+            log.info("upstream %s is back", replica.url)
+        replica.healthy = ok
+        replica.last_error = reason
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.check_all()
+            except Exception:  # pragma: no cover - never let the checker die
+                log.exception("upstream health checks failed")
