@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tokenwell.errors import ConfigError
+from tokenwell.moderation import ContentPolicyConfig
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
@@ -97,6 +98,8 @@ class Settings(BaseModel):
     # How long a thread may hold the GIL while another waits (CPython: 5 ms).
     gil_switch_ms: float = Field(default=5.0, gt=0, le=100)
     log_level: str = "info"
+    # The operator's content policy (off when absent); see tokenwell.moderation.
+    content_filter: ContentPolicyConfig | None = None
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
     models: list[ModelConfig] = Field(

@@ -28,6 +28,7 @@ from tokenwell.config import Settings
 from tokenwell.engines.base import Engine
 from tokenwell.engines.registry import create_engine
 from tokenwell.errors import APIError
+from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.errors import api_error, http_error, unexpected_error
@@ -135,6 +136,7 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
                 metrics,
                 max_body_bytes=settings.max_body_bytes,
                 keepalive_seconds=settings.keepalive_seconds,
+                policy=ContentPolicy(settings.content_filter) if settings.content_filter else None,
             ),
             metrics=metrics,
             master_key_file=master_file,

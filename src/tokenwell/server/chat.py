@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 from tokenwell.billing.accounting import Accounting, Ticket
 from tokenwell.engines.base import Engine, Generation
 from tokenwell.errors import APIError, ModelNotFound
+from tokenwell.moderation import ContentPolicy
 from tokenwell.protocol.events import Meter
 from tokenwell.protocol.render import Identity
 from tokenwell.protocol.requests import parse_chat_request
@@ -57,12 +58,14 @@ class ChatService:
         *,
         max_body_bytes: int,
         keepalive_seconds: float,
+        policy: ContentPolicy | None = None,
     ) -> None:
         self.models = models
         self.accounting = accounting
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.keepalive_seconds = keepalive_seconds
+        self.policy = policy
 
     async def create(self, request: Request) -> ASGIApp:
         started = time.perf_counter()
@@ -70,6 +73,8 @@ class ChatService:
         chat = parse_chat_request(await read_body(request, self.max_body_bytes))
         engine = self.models.get(chat.model)
         self.accounting.authorize(key, chat.model)
+        if self.policy is not None:
+            self.policy.check_input(chat)
         prepared = engine.prepare(chat)
         ticket = await self.accounting.admit(key, prepared)
         try:
@@ -96,6 +101,7 @@ class ChatService:
             settle=settle,
             headers=ticket.headers,
             started_at=started,
+            output_filter=self.policy.output_filter(chat.n) if self.policy else None,
         )
 
     async def _settle(self, ticket: Ticket, gen: Generation, outcome: Outcome) -> None:

@@ -20,6 +20,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from tokenwell.engines.base import Generation
+from tokenwell.moderation import OutputFilter
 from tokenwell.protocol import sse
 from tokenwell.protocol.events import Failed, TextDelta, ToolCallStart
 from tokenwell.protocol.render import CompletionBuilder, Identity, StreamRenderer
@@ -72,6 +73,7 @@ class GenerationResponse:
         settle: Settle,
         headers: dict[str, str] | None = None,
         started_at: float | None = None,
+        output_filter: OutputFilter | None = None,
     ) -> None:
         self.generation = generation
         self.ident = ident
@@ -85,6 +87,7 @@ class GenerationResponse:
         self.disconnected = False
         self._finished = False
         self._durable: Awaitable[None] | None = None
+        self.filter = output_filter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher = asyncio.create_task(self._watch(receive))
@@ -111,6 +114,20 @@ class GenerationResponse:
                 await durable
             except Exception:
                 log.exception("committing the ledger row of %s failed", self.ident.id)
+
+    @property
+    def _complete(self) -> bool:
+        """Every choice finished (or was ended by the content filter)."""
+        return self.generation.done or (self.filter is not None and self.filter.all_done)
+
+    def _filtered(self, events: list[Any]) -> list[Any]:
+        if self.filter is None or not events:
+            return events
+        out = self.filter.apply(events)
+        if self.filter.all_done and not self.generation.done:
+            # Every choice is over: stop generating (what was made is billed).
+            self.generation.cancel()
+        return out
 
     async def _watch(self, receive: Receive) -> None:
         while True:
@@ -139,12 +156,14 @@ class GenerationResponse:
         outcome = self.outcome
         outcome.ended_at = time.perf_counter()
         outcome.first_token_at = gen.first_token_at
-        if gen.failure is not None:
+        if self.filter is not None and self.filter.filtered:
+            outcome.status = "content_filter"
+        elif gen.failure is not None:
             outcome.status = (
                 "upstream_error" if gen.failure.status == "upstream_error" else "engine_error"
             )
             outcome.error = gen.failure.message
-        elif gen.done:
+        elif self._complete:
             outcome.status = finished_status(gen.finished)
         elif self.disconnected:
             outcome.status = "client_disconnected"
@@ -162,7 +181,7 @@ class GenerationResponse:
         renderer = StreamRenderer(self.ident, self.include_usage)
         started = False
         while not self.disconnected:
-            events = await gen.next_batch(self.keepalive)
+            events = self._filtered(await gen.next_batch(self.keepalive))
             if not started:
                 if events and isinstance(events[0], Failed):
                     # Nothing was sent yet: an ordinary HTTP error, never a 200.
@@ -184,7 +203,7 @@ class GenerationResponse:
             out = b"".join(renderer.render(event) for event in events)
             if not self.disconnected:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            if gen.failure is not None:
+            if gen.failure is not None or (self.filter is not None and self.filter.all_done):
                 break
         if self.disconnected:
             return
@@ -193,7 +212,7 @@ class GenerationResponse:
         if not started:
             await self._send_error(send, _interrupted())
             return
-        if not gen.done and gen.failure is None:
+        if not self._complete and gen.failure is None:
             # The engine let go without finishing (shut down): say so.
             tail = StreamRenderer.error("The generation was interrupted.", "interrupted")
         elif gen.failure is None and self.include_usage:
@@ -244,8 +263,12 @@ class GenerationResponse:
         gen = self.generation
         builder = CompletionBuilder(self.ident, gen.n, self.logprobs)
         while not self.disconnected:
-            events = await gen.next_batch(None)
+            events = self._filtered(await gen.next_batch(None))
             if not events and gen.exhausted:
+                break
+            if self.filter is not None and self.filter.all_done:
+                for event in events:
+                    builder.add(event)
                 break
             if gen.first_token_at is None:
                 _mark_first(gen, events)
@@ -254,7 +277,7 @@ class GenerationResponse:
         if self.disconnected:
             return
         await asyncio.shield(self._finish())
-        if gen.failure is not None or not gen.done:
+        if gen.failure is not None or not self._complete:
             await self._send_error(send, gen.failure or _interrupted())
             return
         body = orjson.dumps(builder.build(gen.meter))

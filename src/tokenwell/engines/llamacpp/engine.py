@@ -11,7 +11,7 @@ from tokenwell.config import ModelConfig
 from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
 from tokenwell.engines.llamacpp.model import Model, builtin_model_path
 from tokenwell.engines.llamacpp.prompt import render_prompt
-from tokenwell.engines.llamacpp.sampling import SamplingParams, seed32
+from tokenwell.engines.llamacpp.sampling import SamplingParams, check_grammar, seed32
 from tokenwell.engines.llamacpp.scheduler import Job, Scheduler
 from tokenwell.engines.llamacpp.settings import parse_settings
 from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
@@ -91,6 +91,8 @@ class LlamaCppEngine(Engine):
                     code="invalid_value",
                 )
         rendered = render_prompt(model, request)
+        if rendered.grammar is not None:
+            check_grammar(model, rendered.grammar)
         prompt = model.tokenize(rendered.text)
         limit = scheduler.n_ctx_slot
         if len(prompt) >= limit:
@@ -147,6 +149,8 @@ class LlamaCppEngine(Engine):
             sampling=sampling,
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
+            trigger=rendered.trigger,
+            tools=rendered.tools,
         )
         scheduler.submit(job)
         return generation

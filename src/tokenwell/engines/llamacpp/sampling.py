@@ -4,17 +4,21 @@ Each sequence owns its random generator (seeded from its request) and its
 penalty counts, so the text a seed gives does not depend on what else shares
 the batch.
 
-Plain temperature sampling — the common case — is done for every sequence of
-a step at once in NumPy: softmax numerators in float32 over the [rows, vocab]
+Temperature sampling — the common case — is done for every sequence of a
+step at once in NumPy: softmax numerators in float32 over the [rows, vocab]
 logits, float64 sums over blocks of 256, then an exact inverse-CDF draw that
 only scans one block. Measured here on SmolLM2 (49 152 tokens), 16 rows take
-~1/2 of what 16 calls of llama.cpp's temp+dist chain take; the chain is kept
-for what needs it: grammars and nucleus (top_p) sampling.
+~1/2 of what 16 calls of llama.cpp's temp+dist chain take.
+
+A grammar (structured output, tool calls) is checked the way llama.cpp's own
+common sampler does it: the drawn token alone is offered to the grammar, and
+only when it is refused is the whole vocabulary masked and a token drawn again.
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +27,7 @@ import numpy as np
 from llama_cpp import llama_cpp as L
 
 from tokenwell.engines.llamacpp.model import Model
+from tokenwell.errors import InvalidRequest
 
 BLOCK = 256
 
@@ -50,21 +55,27 @@ class SamplerError(Exception):
     """A grammar llama.cpp refused."""
 
 
-class SeqSampler:
-    """The sampling state of one sequence."""
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
-    def __init__(self, model: Model, params: SamplingParams) -> None:
+
+class SeqSampler:
+    """The sampling state of one sequence: its generator, penalties and grammar."""
+
+    def __init__(self, model: Model, params: SamplingParams, trigger: str | None = None) -> None:
         self.params = params
         self.temperature = params.temperature
+        self.top_p = params.top_p
         self.rng = np.random.Generator(np.random.PCG64(params.seed))
         self.counts: dict[int, int] | None = (
             {} if (params.presence_penalty or params.frequency_penalty) else None
         )
         self.bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)
         self.bias_values = np.array([b for _, b in params.logit_bias], dtype=np.float32)
-        self.chain: Any = None
-        if params.grammar is not None or params.top_p < 1.0:
-            self.chain = _build_chain(model, params)
+        self.grammar: Any = None
+        if params.grammar is not None:
+            self.grammar = _grammar(model, params.grammar, params.grammar_root, trigger)
+        self._one = np.zeros(1, dtype=_TOKEN_DATA)
+        self._all: np.ndarray | None = None
 
     @property
     def adjusts(self) -> bool:
@@ -79,14 +90,68 @@ class SeqSampler:
             counts = np.fromiter(self.counts.values(), dtype=np.float32, count=len(ids))
             row[ids] -= counts * self.params.frequency_penalty + self.params.presence_penalty
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar accepts ``token`` next (one candidate: cheap)."""
+        self._one["id"][0] = token
+        self._one["logit"][0] = 0.0
+        _apply(self.grammar, self._one)
+        return bool(np.isfinite(self._one["logit"][0]))
+
+    def mask(self, row: np.ndarray) -> np.ndarray:
+        """``row`` with every token the grammar refuses at -inf (the whole vocabulary)."""
+        if self._all is None or self._all.shape[0] != row.shape[0]:
+            self._all = np.zeros(row.shape[0], dtype=_TOKEN_DATA)
+            self._all["id"] = np.arange(row.shape[0], dtype=np.int32)
+        self._all["logit"] = row
+        _apply(self.grammar, self._all)
+        return np.asarray(self._all["logit"], dtype=np.float32)
+
     def accept(self, token: int) -> None:
         if self.counts is not None:
             self.counts[token] = self.counts.get(token, 0) + 1
+        if self.grammar is not None:
+            L.llama_sampler_accept(self.grammar, token)
 
     def free(self) -> None:
-        if self.chain:
-            L.llama_sampler_free(self.chain)
-            self.chain = None
+        if self.grammar:
+            L.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+def _apply(grammar: Any, data: np.ndarray) -> None:
+    array = L.llama_token_data_array(
+        data=ctypes.cast(data.ctypes.data, L.llama_token_data_p),
+        size=data.shape[0],
+        selected=-1,
+        sorted=False,
+    )
+    L.llama_sampler_apply(grammar, ctypes.byref(array))
+
+
+def _grammar(model: Model, gbnf: str, root: str, trigger: str | None) -> Any:
+    if trigger is None:
+        grammar = L.llama_sampler_init_grammar(model.vocab, gbnf.encode(), root.encode())
+    else:
+        # Lazy: free text until the trigger is generated, the grammar from there on.
+        patterns = (ctypes.c_char_p * 1)(re.escape(trigger).encode())
+        grammar = L.llama_sampler_init_grammar_lazy_patterns(
+            model.vocab, gbnf.encode(), root.encode(), patterns, 1, None, 0
+        )
+    if not grammar:
+        raise SamplerError("llama.cpp rejected the grammar")
+    return grammar
+
+
+def check_grammar(model: Model, gbnf: str) -> None:
+    """Make sure llama.cpp takes the grammar, before the request is admitted."""
+    try:
+        L.llama_sampler_free(_grammar(model, gbnf, "root", None))
+    except SamplerError as exc:
+        raise InvalidRequest(
+            "The requested format cannot be turned into a grammar llama.cpp accepts.",
+            param="response_format",
+            code="invalid_schema",
+        ) from exc
 
 
 def sample(
@@ -97,39 +162,70 @@ def sample(
     scratch: Scratch,
 ) -> list[int]:
     """One token for each (sampler, output row, batch index), in order."""
-    tokens = [0] * len(rows)
-    fast: list[int] = []
-    for i, (sampler, _, batch_index) in enumerate(rows):
-        if sampler.chain is not None:
-            tokens[i] = _chain_sample(sampler, ctx, batch_index)
-        else:
-            fast.append(i)
-    if not fast:
-        return tokens
     logits = np.ctypeslib.as_array(
         ctypes.cast(L.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float)),
         shape=(n_outputs, n_vocab),
     )
     # A copy in a buffer kept between steps (no 3 MB allocation and page faults
     # per step): adjusted and exponentiated in place.
-    work = scratch.rows(len(fast), n_vocab)
-    np.take(logits, [rows[i][1] for i in fast], axis=0, out=work)
-    for j, i in enumerate(fast):
-        if rows[i][0].adjusts:
-            rows[i][0].adjust(work[j])
-    greedy = [j for j, i in enumerate(fast) if rows[i][0].temperature <= 0]
-    for j in greedy:
-        tokens[fast[j]] = int(np.argmax(work[j]))
-    hot = [j for j, i in enumerate(fast) if rows[i][0].temperature > 0]
-    if hot:
-        picked = _draw(
-            work if len(hot) == len(fast) else work[hot], [rows[fast[j]][0] for j in hot]
-        )
-        for j, token in zip(hot, picked, strict=True):
-            tokens[fast[j]] = token
+    work = scratch.rows(len(rows), n_vocab)
+    np.take(logits, [row[1] for row in rows], axis=0, out=work)
+    constrained: dict[int, np.ndarray] = {}
+    for j, (sampler, _, _) in enumerate(rows):
+        if sampler.adjusts:
+            sampler.adjust(work[j])
+        if sampler.grammar is not None:
+            constrained[j] = work[j].copy()  # in case the grammar refuses the first pick
+    tokens = [0] * len(rows)
+    plain: list[int] = []
+    for j, (sampler, _, _) in enumerate(rows):
+        if sampler.temperature <= 0:
+            tokens[j] = int(np.argmax(work[j]))
+        elif sampler.top_p < 1.0:
+            tokens[j] = _nucleus(work[j], sampler)
+        else:
+            plain.append(j)
+    if plain:
+        rows_plain = work if len(plain) == len(rows) else work[plain]
+        for j, token in zip(plain, _draw(rows_plain, [rows[j][0] for j in plain]), strict=True):
+            tokens[j] = token
+    for j, row in constrained.items():
+        sampler = rows[j][0]
+        if not sampler.allows(tokens[j]):
+            tokens[j] = _pick(sampler.mask(row), sampler)
     for (sampler, _, _), token in zip(rows, tokens, strict=True):
         sampler.accept(token)
     return tokens
+
+
+def _pick(row: np.ndarray, sampler: SeqSampler) -> int:
+    """One token from a single (masked) row, as the sampler would pick it."""
+    if sampler.temperature <= 0:
+        return int(np.argmax(row))
+    if sampler.top_p < 1.0:
+        return _nucleus(row, sampler)
+    return _draw(row[None, :].copy(), [sampler])[0]
+
+
+def _nucleus(row: np.ndarray, sampler: SeqSampler) -> int:
+    """Temperature, then the smallest set of tokens holding ``top_p`` of the mass."""
+    x = row.astype(np.float64) / sampler.temperature
+    x -= x.max()
+    probs = np.exp(x)
+    probs /= probs.sum()
+    n = probs.shape[0]
+    k = min(64, n)
+    while True:
+        best = np.argpartition(-probs, k - 1)[:k] if k < n else np.arange(n)
+        best = best[np.argsort(-probs[best], kind="stable")]
+        mass = np.cumsum(probs[best])
+        if mass[-1] >= sampler.top_p or k >= n:
+            break
+        k = min(k * 4, n)
+    keep = best[: int(np.searchsorted(mass, sampler.top_p)) + 1]
+    weights = np.cumsum(probs[keep])
+    at = int(np.searchsorted(weights, sampler.rng.random() * weights[-1], side="right"))
+    return int(keep[min(at, len(keep) - 1)])
 
 
 class Scratch:
@@ -167,45 +263,6 @@ def _draw(work: np.ndarray, samplers: list[SeqSampler]) -> list[int]:
     offset = np.minimum((cum < rest[:, None]).sum(axis=1), BLOCK - 1)
     picked = starts + offset
     return [min(int(t), vocab - 1) for t in picked]
-
-
-def _build_chain(model: Model, params: SamplingParams) -> Any:
-    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
-    add = L.llama_sampler_chain_add
-    if params.logit_bias:
-        arr = (L.llama_logit_bias * len(params.logit_bias))()
-        for i, (token, bias) in enumerate(params.logit_bias):
-            arr[i].token = token
-            arr[i].bias = bias
-        add(chain, L.llama_sampler_init_logit_bias(model.n_vocab, len(params.logit_bias), arr))
-    if params.presence_penalty or params.frequency_penalty:
-        add(
-            chain,
-            L.llama_sampler_init_penalties(
-                model.n_ctx_train, 1.0, params.frequency_penalty, params.presence_penalty
-            ),
-        )
-    if params.grammar is not None:
-        grammar = L.llama_sampler_init_grammar(
-            model.vocab, params.grammar.encode(), params.grammar_root.encode()
-        )
-        if not grammar:
-            L.llama_sampler_free(chain)
-            raise SamplerError("llama.cpp rejected the grammar")
-        add(chain, grammar)
-    if params.temperature <= 0:
-        add(chain, L.llama_sampler_init_greedy())
-        return chain
-    # As OpenAI (and Hugging Face) do: temperature first, then nucleus.
-    add(chain, L.llama_sampler_init_temp(params.temperature))
-    if params.top_p < 1.0:
-        add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
-    add(chain, L.llama_sampler_init_dist(params.seed))
-    return chain
-
-
-def _chain_sample(sampler: SeqSampler, ctx: Any, batch_index: int) -> int:
-    return int(L.llama_sampler_sample(sampler.chain, ctx, batch_index))
 
 
 def logprob_entry(model: Model, ctx: Any, batch_index: int, token: int, top: int) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from tokenwell.engines.llamacpp.sampling import (
     sample,
 )
 from tokenwell.engines.llamacpp.settings import LlamaCppSettings
+from tokenwell.engines.llamacpp.toolcalls import ToolCallParser
 from tokenwell.engines.text import TextAssembler
 from tokenwell.protocol.events import Event, Failed, Finish, TextDelta
 
@@ -56,6 +57,9 @@ class Job:
     sampling: list[SamplingParams]  # one per choice
     logprobs: bool = False
     top_logprobs: int = 0
+    # A lazy grammar's trigger, and whether the output is parsed for tool calls.
+    trigger: str | None = None
+    tools: bool = False
     # Set by the event loop; read by the scheduler at the next step.
     cancelled: bool = False
     # Scheduler state.
@@ -82,6 +86,7 @@ class Seq:
     slot: Slot
     sampler: SeqSampler
     text: TextAssembler
+    calls: ToolCallParser | None = None
     generated: int = 0
     next_token: int = -1  # sampled, to be decoded next step
     batch_index: int = -1
@@ -359,8 +364,10 @@ class Scheduler:
         job.prefill_pos = reuse
         for choice, slot in enumerate(slots):
             slot.busy = True
-            sampler = SeqSampler(self.model, job.sampling[choice])
-            job.seqs.append(Seq(job, choice, slot, sampler, TextAssembler(job.stops, job.logprobs)))
+            sampler = SeqSampler(self.model, job.sampling[choice], job.trigger)
+            calls = ToolCallParser(choice) if job.tools else None
+            text = TextAssembler(job.stops, job.logprobs)
+            job.seqs.append(Seq(job, choice, slot, sampler, text, calls))
 
     def _fill_batch(self) -> list[Job]:
         """Fill the batch; returns the jobs whose prompt ends in it.
@@ -457,8 +464,7 @@ class Scheduler:
             else None
         )
         released = seq.text.push(model.piece(token), entry)
-        if released.text or released.logprobs:
-            out.append(TextDelta(seq.choice, released.text, _tuple(released.logprobs)))
+        self._emit(seq, released.text, released.logprobs, out)
         if released.stopped:
             self._finish(seq, "stop", out, closed)
         elif seq.generated >= job.max_tokens or len(seq.slot.tokens) + 1 >= self.n_ctx_slot:
@@ -468,13 +474,23 @@ class Scheduler:
 
     def _finish(self, seq: Seq, reason: str, out: list[Event], closed: list[Generation]) -> None:
         tail = seq.text.flush()
-        if tail.text or tail.logprobs:
-            out.append(TextDelta(seq.choice, tail.text, _tuple(tail.logprobs)))
+        self._emit(seq, tail.text, tail.logprobs, out)
+        if seq.calls is not None:
+            out.extend(seq.calls.finish())
+            if seq.calls.calls and reason == "stop":
+                reason = "tool_calls"
         out.append(Finish(seq.choice, reason))  # type: ignore[arg-type]
         self._free_seq(seq)
         job = seq.job
         if all(s.done for s in job.seqs):
             closed.append(job.generation)
+
+    @staticmethod
+    def _emit(seq: Seq, text: str, logprobs: list[dict[str, Any]] | None, out: list[Event]) -> None:
+        if seq.calls is not None:
+            out.extend(seq.calls.feed(text, _tuple(logprobs)))
+        elif text or logprobs:
+            out.append(TextDelta(seq.choice, text, _tuple(logprobs)))
 
     def _free_seq(self, seq: Seq) -> None:
         if seq.done:
