@@ -70,8 +70,8 @@ class DatabaseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str | None = None
-    # Ledger writes are group-committed: a batch closes after this long or this many rows.
-    batch_window_ms: float = Field(default=2.0, ge=0)
+    # Ledger writes are group-committed: each transaction takes what queued
+    # while the previous one ran, up to this many rows.
     batch_max_rows: int = Field(default=256, ge=1)
 
 

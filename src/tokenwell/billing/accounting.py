@@ -80,7 +80,6 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
     committed: asyncio.Future[bool] | None = None
-    opened_at: float = field(default_factory=time.perf_counter)
 
     async def settle(
         self,

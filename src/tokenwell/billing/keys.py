@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
@@ -292,7 +292,3 @@ class KeyStore:
 
     def forget(self, record: KeyRecord) -> None:
         self._cache.pop(record.key_hash, None)
-
-    @staticmethod
-    def with_spend(record: KeyRecord, spent: int, reserved: int) -> KeyRecord:
-        return replace(record, spent_nanos=spent, reserved_nanos=reserved)

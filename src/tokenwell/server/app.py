@@ -153,6 +153,11 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
                 await engine.stop()
             except Exception:
                 log.exception("stopping %s failed", engine.model_id)
+        # Stopping the engines ended every generation; let their requests settle
+        # into the ledger before it stops (the journal covers any that cannot).
+        deadline = asyncio.get_running_loop().time() + 10
+        while journal is not None and journal.live and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         await ledger.stop()
         if journal is not None:
             journal.close()

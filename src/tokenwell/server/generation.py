@@ -120,12 +120,19 @@ class GenerationResponse:
         """Every choice finished (or was ended by the content filter)."""
         return self.generation.done or (self.filter is not None and self.filter.all_done)
 
+    @property
+    def _cut_short(self) -> bool:
+        """The content filter ended every choice that was still going: stop reading."""
+        return self.filter is not None and self.filter.filtered and self.filter.all_done
+
     def _filtered(self, events: list[Any]) -> list[Any]:
         if self.filter is None or not events:
             return events
         out = self.filter.apply(events)
-        if self.filter.all_done and not self.generation.done:
-            # Every choice is over: stop generating (what was made is billed).
+        if self._cut_short and not self.generation.done:
+            # Stop generating (what was made is billed). Otherwise the engine
+            # ends by itself, and an upstream's usage chunk, after the finish
+            # chunk, is still read.
             self.generation.cancel()
         return out
 
@@ -203,7 +210,7 @@ class GenerationResponse:
             out = b"".join(renderer.render(event) for event in events)
             if not self.disconnected:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
-            if gen.failure is not None or (self.filter is not None and self.filter.all_done):
+            if gen.failure is not None or self._cut_short:
                 break
         if self.disconnected:
             return
@@ -266,7 +273,7 @@ class GenerationResponse:
             events = self._filtered(await gen.next_batch(None))
             if not events and gen.exhausted:
                 break
-            if self.filter is not None and self.filter.all_done:
+            if self._cut_short:
                 for event in events:
                     builder.add(event)
                 break
