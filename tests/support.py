@@ -133,6 +133,17 @@ class Server:
         self.stop()
 
 
+def ledger_row(server: Server, request_id: str, timeout: float = 10) -> dict[str, Any]:
+    """The request's ledger row, once it is closed (a close commits just after [DONE])."""
+    deadline = time.monotonic() + timeout
+    with server.http() as http:
+        while True:
+            row = http.get(f"/admin/requests/{request_id}").json()
+            if row.get("status") not in (None, "open") or time.monotonic() > deadline:
+                return row  # type: ignore[no-any-return]
+            time.sleep(0.02)
+
+
 SCRIPTED_CONFIG = """
 [[models]]
 name = "scripted"

@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -33,6 +33,7 @@ from tokenwell.errors import ConfigError
 from tokenwell.moderation import ContentPolicyConfig
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class Price(BaseModel):
@@ -126,6 +127,18 @@ class Settings(BaseModel):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{self.data_path / 'tokenwell.db'}"
+
+
+def engine_settings(kind: type[ModelT], model: str, options: dict[str, Any]) -> ModelT:
+    """An engine's settings from the keys of its ``[[models]]`` table."""
+    try:
+        return kind.model_validate(options)
+    except ValidationError as exc:
+        lines = [
+            f"  models[{model}].{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        ]
+        raise ConfigError(f"invalid settings for model {model!r}:\n" + "\n".join(lines)) from exc
 
 
 # Environment variables that override the file, and where they land.

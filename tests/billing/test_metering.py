@@ -11,17 +11,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import SCRIPTED_CONFIG, Server, sse_events
-
-
-def ledger_row(server: Server, request_id: str, timeout: float = 10) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + timeout
-    with server.http() as http:
-        while True:
-            row = http.get(f"/admin/requests/{request_id}").json()
-            if row.get("status") not in (None, "open") or time.monotonic() > deadline:
-                return row  # type: ignore[no-any-return]
-            time.sleep(0.02)
+from tests.support import SCRIPTED_CONFIG, Server, ledger_row, sse_events
 
 
 def stream_usage(server: Server, key: str, **body: object) -> tuple[str, dict | None]:  # type: ignore[type-arg]

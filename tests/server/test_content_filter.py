@@ -9,7 +9,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import SCRIPTED_CONFIG, Server, model_config, sse_events
+from tests.support import SCRIPTED_CONFIG, Server, ledger_row, model_config, sse_events
 
 POLICY = """
 [content_filter]
@@ -48,21 +48,11 @@ def run(server: Server, messages: list[dict[str, str]], **body: object) -> tuple
     return text, finish, r.headers["x-request-id"]
 
 
-def row(server: Server, rid: str) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + 10
-    with server.http() as http:
-        while True:
-            data = http.get(f"/admin/requests/{rid}").json()
-            if data.get("status") != "open" or time.monotonic() > deadline:
-                return data  # type: ignore[no-any-return]
-            time.sleep(0.02)
-
-
 def test_a_term_split_across_tokens_is_never_sent(filtered: Server) -> None:
     tokens = ["Hello", " there,", " this", " is", " for", "bidden", " text", " after", " it"]
     text, finish, rid = run(filtered, script(tokens))
     assert (text, finish) == ("Hello there, this is ", "content_filter")
-    ledger = row(filtered, rid)
+    ledger = ledger_row(filtered, rid)
     assert ledger["status"] == "content_filter"
     assert 6 <= ledger["completion_tokens"] <= len(tokens)  # generated is billed
 
@@ -138,7 +128,7 @@ def test_the_real_model_is_stopped_and_billed(tmp_path) -> None:  # type: ignore
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
         assert chunks[-1]["choices"][0]["finish_reason"] == "content_filter"
         assert " the " not in text.lower()
-        ledger = row(server, r.headers["x-request-id"])
+        ledger = ledger_row(server, r.headers["x-request-id"])
         assert ledger["status"] == "content_filter"
         time.sleep(0.2)
         assert ledger["completion_tokens"] == generated() - before < 400

@@ -204,18 +204,7 @@ class Accounting:
         reserve = worst_case_nanos(
             price, prepared.prompt_tokens, request.n * prepared.max_completion_tokens
         )
-        row = OpenRow(
-            id=request_id,
-            key_id=key.id,
-            model=request.model,
-            stream=request.stream,
-            include_usage=request.include_usage,
-            n=request.n,
-            prompt_tokens=prepared.prompt_tokens,
-            reserved_nanos=reserve,
-            instance=self.instance,
-            user=request.user,
-        )
+        row = self._row(key, prepared, request_id, prepared.prompt_tokens, reserve)
         try:
             admission = await self.ledger.open(row)
         except LedgerUnavailable as exc:
@@ -245,23 +234,29 @@ class Accounting:
             self, request_id, key, request.model, price, reserve, estimate, meter, headers
         )
 
-    async def _reject(self, key: KeyRecord, prepared: Prepared, request_id: str, why: str) -> None:
+    def _row(
+        self, key: KeyRecord, prepared: Prepared, request_id: str, prompt: int, reserve: int
+    ) -> OpenRow:
         request = prepared.request
-        row = OpenRow(
+        return OpenRow(
             id=request_id,
             key_id=key.id,
             model=request.model,
             stream=request.stream,
             include_usage=request.include_usage,
             n=request.n,
-            prompt_tokens=0,
-            reserved_nanos=0,
+            prompt_tokens=prompt,
+            reserved_nanos=reserve,
             instance=self.instance,
             user=request.user,
-            check_key=False,
-            status="rejected",
-            error=why,
         )
+
+    async def _reject(self, key: KeyRecord, prepared: Prepared, request_id: str, why: str) -> None:
+        """Record a request refused before admission (a rate limit): nothing is billed."""
+        row = self._row(key, prepared, request_id, 0, 0)
+        row.check_key = False
+        row.status = "rejected"
+        row.error = why
         try:
             await self.ledger.open(row)
         except LedgerUnavailable:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -127,6 +128,17 @@ class Generation:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def run_as_task(
+    generation: Generation, work: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]
+) -> Generation:
+    """Run an engine's ``work`` for ``generation`` as a task that its cancel stops."""
+    task = asyncio.create_task(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    generation.on_cancel(task.cancel)
+    return generation
 
 
 @dataclass(slots=True)

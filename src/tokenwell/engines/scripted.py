@@ -27,10 +27,10 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tokenwell.config import ModelConfig
-from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
+from tokenwell.config import ModelConfig, engine_settings
+from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared, run_as_task
 from tokenwell.engines.text import TextAssembler
-from tokenwell.errors import ConfigError, ContextLengthExceeded, InvalidRequest, Overloaded
+from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 from tokenwell.protocol.events import (
     Event,
     Failed,
@@ -95,10 +95,7 @@ class ScriptedEngine(Engine):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        try:
-            self.settings = ScriptedSettings.model_validate(config.options)
-        except ValidationError as exc:
-            raise ConfigError(f"invalid scripted settings for {config.name}: {exc}") from exc
+        self.settings = engine_settings(ScriptedSettings, config.name, config.options)
         self._ready = False
         self._slots = asyncio.Semaphore(self.settings.parallel)
         self._waiting = 0
@@ -193,11 +190,7 @@ class ScriptedEngine(Engine):
                 headers={"Retry-After": "1"},
             )
         generation = Generation(prepared.request.n, meter)
-        task = asyncio.create_task(self._run(generation, prepared))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        generation.on_cancel(task.cancel)
-        return generation
+        return run_as_task(generation, self._run(generation, prepared), self._tasks)
 
     async def _run(self, gen: Generation, prepared: Prepared) -> None:
         plan: _Plan = prepared.payload

@@ -16,6 +16,7 @@ from tests.support import (
     FakeUpstream,
     Server,
     gateway_config,
+    ledger_row,
     sse_events,
 )
 
@@ -59,16 +60,6 @@ def gateway(
     config = gateway_config({"relay": up, "relay-64": up64, **fakes}, idle_timeout=1.5)
     with Server(tmp_path_factory.mktemp("gw"), config) as server:
         yield server
-
-
-def ledger(server: Server, request_id: str) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + 10
-    with server.http() as http:
-        while True:
-            row = http.get(f"/admin/requests/{request_id}").json()
-            if row.get("status") not in (None, "open") or time.monotonic() > deadline:
-                return row  # type: ignore[no-any-return]
-            time.sleep(0.02)
 
 
 def stream(server: Server, model: str, **body: object) -> tuple[httpx.Response, list[str]]:
@@ -115,7 +106,7 @@ def test_usage_is_billed_exactly_when_the_client_asked_for_none(gateway: Server)
     r, events = stream(gateway, "relay-64", max_tokens=9)
     chunks = [orjson.loads(e) for e in events[:-1]]
     assert all("usage" not in c for c in chunks)  # stripped: the client did not ask
-    row = ledger(gateway, r.headers["x-request-id"])
+    row = ledger_row(gateway, r.headers["x-request-id"])
     assert row["status"] == "length" and row["completion_tokens"] == 9
     assert row["estimated"] is False  # the upstream's own count
 
@@ -124,7 +115,7 @@ def test_an_upstream_without_usage_is_estimated_and_says_so(gateway: Server) -> 
     r, events = stream(gateway, "fake-nousage", stream_options={"include_usage": True})
     usage = orjson.loads(events[-2])["usage"]
     assert usage["completion_tokens"] == 10  # one per fragment: no tokenizer configured
-    row = ledger(gateway, r.headers["x-request-id"])
+    row = ledger_row(gateway, r.headers["x-request-id"])
     assert row["estimated"] is True and row["status"] == "completed"
 
 
@@ -164,7 +155,7 @@ def test_an_upstream_that_dies_mid_stream(gateway: Server) -> None:
     assert r.status_code == 200 and events[-1] == "[DONE]"
     error = orjson.loads(events[-2])
     assert set(error) == {"error"}
-    row = ledger(gateway, r.headers["x-request-id"])
+    row = ledger_row(gateway, r.headers["x-request-id"])
     assert row["status"] == "upstream_error"
     assert row["completion_tokens"] == 5  # what was delivered before it died
 
@@ -174,13 +165,13 @@ def test_an_upstream_that_hangs_times_out(gateway: Server) -> None:
     r, events = stream(gateway, "fake-hang")
     assert 1.4 < time.monotonic() - started < 10
     assert "error" in orjson.loads(events[-2]) and events[-1] == "[DONE]"
-    assert ledger(gateway, r.headers["x-request-id"])["status"] == "upstream_error"
+    assert ledger_row(gateway, r.headers["x-request-id"])["status"] == "upstream_error"
 
 
 def test_malformed_sse_is_an_error_event(gateway: Server) -> None:
     r, events = stream(gateway, "fake-malformed")
     assert "malformed" in orjson.loads(events[-2])["error"]["message"]
-    assert ledger(gateway, r.headers["x-request-id"])["status"] == "upstream_error"
+    assert ledger_row(gateway, r.headers["x-request-id"])["status"] == "upstream_error"
 
 
 def test_errors_before_the_first_byte_are_http_errors(gateway: Server) -> None:
@@ -221,7 +212,7 @@ def test_a_client_disconnect_cancels_the_upstream_request(
     while fake.stats()["cancelled"] == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert fake.stats()["cancelled"] == before + 1
-    row = ledger(gateway, rid)
+    row = ledger_row(gateway, rid)
     assert row["status"] == "client_disconnected" and 0 < row["completion_tokens"] < 400
 
 

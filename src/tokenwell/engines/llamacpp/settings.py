@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from tokenwell.errors import ConfigError
+from tokenwell.config import engine_settings
 
 
 class LlamaCppSettings(BaseModel):
@@ -31,11 +31,4 @@ class LlamaCppSettings(BaseModel):
 
 
 def parse_settings(model: str, options: dict[str, object]) -> LlamaCppSettings:
-    try:
-        return LlamaCppSettings.model_validate(options)
-    except ValidationError as exc:
-        lines = [
-            f"  models[{model}].{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        ]
-        raise ConfigError("invalid llamacpp settings:\n" + "\n".join(lines)) from exc
+    return engine_settings(LlamaCppSettings, model, options)

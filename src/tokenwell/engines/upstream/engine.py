@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from tokenwell.config import ModelConfig
-from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
+from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared, run_as_task
 from tokenwell.engines.upstream.normalize import MalformedChunk, Normalizer
 from tokenwell.engines.upstream.pool import Pool, Replica
 from tokenwell.engines.upstream.settings import parse_settings
@@ -129,11 +129,7 @@ class UpstreamEngine(Engine):
                 headers={"Retry-After": "2"},
             )
         generation = Generation(prepared.request.n, meter)
-        task = asyncio.create_task(self._run(generation, prepared))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        generation.on_cancel(task.cancel)
-        return generation
+        return run_as_task(generation, self._run(generation, prepared), self._tasks)
 
     def _body(self, request: ChatRequest, replica: Replica) -> dict[str, Any]:
         body = dict(request.raw)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tokenwell.errors import ConfigError
+from tokenwell.config import engine_settings
 
 
 class UpstreamURL(BaseModel):
@@ -73,11 +73,4 @@ class UpstreamSettings(BaseModel):
 
 
 def parse_settings(model: str, options: dict[str, object]) -> UpstreamSettings:
-    try:
-        return UpstreamSettings.model_validate(options)
-    except ValidationError as exc:
-        lines = [
-            f"  models[{model}].{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-            for e in exc.errors(include_url=False)
-        ]
-        raise ConfigError("invalid upstream settings:\n" + "\n".join(lines)) from exc
+    return engine_settings(UpstreamSettings, model, options)
