@@ -108,7 +108,7 @@ def test_same_seed_same_text(model_server: Server) -> None:
 def test_stop_sequence_is_not_in_the_output(model_server: Server) -> None:
     client = model_server.client()
     base = (
-        client.chat.completions.create(model=MODEL, messages=COUNT, max_tokens=30, temperature=0)
+        client.chat.completions.create(model=MODEL, messages=COUNT, max_tokens=40, temperature=0)
         .choices[0]
         .message.content
         or ""
@@ -116,7 +116,7 @@ def test_stop_sequence_is_not_in_the_output(model_server: Server) -> None:
     assert len(base) > 6
     stop = base[3:6]  # a string the model will produce, likely across tokens
     cut = client.chat.completions.create(
-        model=MODEL, messages=COUNT, max_tokens=30, temperature=0, stop=[stop]
+        model=MODEL, messages=COUNT, max_tokens=40, temperature=0, stop=[stop]
     )
     assert cut.choices[0].message.content == base[: base.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -241,3 +241,44 @@ def test_health_answers_while_a_long_generation_runs(model_server: Server) -> No
         time.sleep(0.05)
     worker.join()
     assert slowest < 0.5
+
+
+def test_penalties_and_logit_bias_change_what_is_generated(model_server: Server) -> None:
+    client = model_server.client()
+    ask = COUNT  # greedy, its answer repeats itself ("I'm … I'm …")
+    plain = client.chat.completions.create(
+        model=MODEL, messages=ask, max_tokens=40, temperature=0, logprobs=True
+    )
+    penalised = client.chat.completions.create(
+        model=MODEL,
+        messages=ask,
+        max_tokens=40,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+    )
+    assert penalised.choices[0].message.content != plain.choices[0].message.content
+    # Ban the token greedy decoding picks first: it is never picked at all.
+    first = plain.choices[0].logprobs.content[0]  # type: ignore[union-attr,index]
+    banned = client.chat.completions.create(
+        model=MODEL,
+        messages=ask,
+        max_tokens=40,
+        temperature=0,
+        logprobs=True,
+        logit_bias={str(_token_id(first.bytes)): -100},
+    )
+    tokens = [e.token for e in banned.choices[0].logprobs.content]  # type: ignore[union-attr]
+    assert tokens and first.token not in tokens
+
+
+def _token_id(raw: list[int] | None) -> int:
+    from tokenwell.engines.llamacpp.model import Model, builtin_model_path
+
+    model = Model(builtin_model_path())
+    try:
+        ids = model.tokenize(bytes(raw or []).decode(), special=False)
+    finally:
+        model.free()
+    assert len(ids) == 1
+    return ids[0]
