@@ -340,6 +340,3 @@ class Accounting:
                 )
             )
         return len(rows)
-
-    async def close(self) -> None:
-        await self.limiter.close()
