@@ -21,18 +21,11 @@ from typing import Any
 import orjson
 import uvloop
 
+from bench.metering import SCRIPTED
 from tokenwell.billing.keys import KeyFields
 from tokenwell.config import load_settings
 from tokenwell.server.app import create_app
 
-CONFIG = """
-{metering}
-[[models]]
-name = "scripted-64"
-engine = "scripted"
-reply_tokens = 64
-price = {{ prompt = 1.0, completion = 2.0 }}
-"""
 BODY = orjson.dumps(
     {
         "model": "scripted-64",
@@ -82,7 +75,7 @@ async def _request(app: Any, key: str) -> None:
 async def measure(metering: bool, requests: int, database_url: str | None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tw-cost-"))
     (work / "config.toml").write_text(
-        CONFIG.format(metering="" if metering else "metering = false")
+        SCRIPTED.format(metering="" if metering else "metering = false")
     )
     env = {"TOKENWELL_MASTER_KEY": "sk-cost", "TOKENWELL_DATA_DIR": str(work / "data")}
     if database_url:
