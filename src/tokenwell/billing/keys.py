@@ -7,8 +7,10 @@ is shown once, at creation, and never logged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -24,7 +26,12 @@ from tokenwell.billing.money import nanos_to_usd, usd_to_nanos
 from tokenwell.errors import InvalidRequest, NotFound
 from tokenwell.protocol.validation import first_error
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "tw-"
+# A known key is served from a cache entry up to this many cache periods old
+# while it is re-read in the background.
+_STALE_FACTOR = 5
 MASTER_ID = "master"
 
 
@@ -215,6 +222,8 @@ class KeyStore:
         self.hasher = hasher
         self.cache_seconds = cache_seconds
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._loading: dict[str, asyncio.Future[KeyRecord | None]] = {}
+        self._forgotten: dict[str, float] = {}
 
     async def create(self, fields: KeyFields, given: set[str]) -> tuple[str, KeyRecord]:
         secret = new_secret()
@@ -254,7 +263,7 @@ class KeyStore:
             if result.rowcount == 0:
                 raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
         record = await self.get(key_id)
-        self._cache.pop(record.key_hash, None)
+        self._drop(record.key_hash)
         return record
 
     async def revoke(self, key_id: str) -> KeyRecord:
@@ -267,17 +276,47 @@ class KeyStore:
         record = await self.get(key_id)  # NotFound for an unknown id
         if result.rowcount == 0 and record.revoked_at is None:  # pragma: no cover - raced
             raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
-        self._cache.pop(record.key_hash, None)
+        self._drop(record.key_hash)
         return record
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         return await self.lookup_hash(self.hasher.hash(secret))
 
     async def lookup_hash(self, digest: str) -> KeyRecord | None:
-        now = time.monotonic()
+        """The key with this hash, from the cache when it is fresh enough.
+
+        One database read per key at a time, however many requests ask
+        (64 streams on one key used to read it 64 times each time the cache
+        expired). A known key whose entry is a little stale is answered from
+        the cache while one background read refreshes it: the cache only
+        speeds up authentication, and revocation, expiry and budget are
+        checked again when the ledger row is written.
+        """
         hit = self._cache.get(digest)
-        if hit is not None and now - hit[0] < self.cache_seconds:
-            return hit[1]
+        if hit is not None:
+            age = time.monotonic() - hit[0]
+            if age < self.cache_seconds:
+                return hit[1]
+            if hit[1] is not None and age < self.cache_seconds * _STALE_FACTOR:
+                if digest not in self._loading:
+                    self._refresh(digest)
+                return hit[1]
+        return await asyncio.shield(self._loading.get(digest) or self._refresh(digest))
+
+    def _refresh(self, digest: str) -> asyncio.Future[KeyRecord | None]:
+        task = asyncio.ensure_future(self._load(digest))
+        self._loading[digest] = task
+        task.add_done_callback(lambda done: self._loaded(digest, done))
+        return task
+
+    def _loaded(self, digest: str, task: asyncio.Future[KeyRecord | None]) -> None:
+        if self._loading.get(digest) is task:
+            del self._loading[digest]
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("looking up an API key failed: %s", task.exception())
+
+    async def _load(self, digest: str) -> KeyRecord | None:
+        loaded_at = time.monotonic()
         async with self.db.engine.connect() as conn:
             row = (
                 await conn.execute(select(api_keys).where(api_keys.c.key_hash == digest))
@@ -287,8 +326,16 @@ class KeyStore:
             record = None  # pragma: no cover - the index matched, this cannot differ
         if len(self._cache) > 10_000:
             self._cache.clear()
-        self._cache[digest] = (now, record)
+        if self._forgotten.get(digest, 0.0) <= loaded_at:
+            self._cache[digest] = (loaded_at, record)
         return record
 
     def forget(self, record: KeyRecord) -> None:
-        self._cache.pop(record.key_hash, None)
+        self._drop(record.key_hash)
+
+    def _drop(self, digest: str) -> None:
+        """Out of the cache, and no read that began before now may put it back."""
+        self._cache.pop(digest, None)
+        self._forgotten[digest] = time.monotonic()
+        if len(self._forgotten) > 10_000:
+            self._forgotten.clear()
