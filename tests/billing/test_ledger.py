@@ -114,3 +114,85 @@ def test_keys_are_stored_only_as_hashes(db_url: str) -> None:
             await db.close()
 
     asyncio.run(go())
+
+
+def test_an_open_whose_caller_is_cancelled_is_closed_unused(db_url: str) -> None:
+    """A request cancelled while its row commits never starts: nothing stays reserved."""
+
+    async def go() -> None:
+        db, ledger, keys = await _setup(db_url)
+        try:
+            _, key = await keys.create(KeyFields(name="f", budget_usd=1), {"name", "budget_usd"})
+            waiting = [
+                asyncio.create_task(ledger.open(_open(f"c{i}", key.id, 100))) for i in range(5)
+            ]
+            await asyncio.sleep(0)  # queued, not yet committed
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+            # Cancelled after its row committed, before its caller resumed.
+            enqueue = ledger._enqueue
+            late: asyncio.Task[object] | None = None
+
+            def enqueue_then_cancel(row: object) -> asyncio.Future[object]:
+                future = enqueue(row)  # type: ignore[arg-type]
+                if isinstance(row, OpenRow):
+                    future.add_done_callback(lambda _: late.cancel())  # type: ignore[union-attr]
+                return future
+
+            ledger._enqueue = enqueue_then_cancel  # type: ignore[method-assign]
+            late = asyncio.create_task(ledger.open(_open("late", key.id, 100)))
+            await asyncio.gather(late, return_exceptions=True)
+            assert late.cancelled()
+            ledger._enqueue = enqueue  # type: ignore[method-assign]
+            await ledger.stop()  # commits everything queued
+            assert await ledger.open_rows("inst") == []
+            record = await keys.get(key.id)
+            assert (record.reserved_nanos, record.spent_nanos) == (0, 0)
+            from sqlalchemy import select
+
+            from tokenwell.billing.db import requests
+
+            async with db.engine.connect() as conn:
+                rows = (await conn.execute(select(requests.c.id, requests.c.status))).all()
+            statuses = {r.id: r.status for r in rows}
+            assert set(statuses.values()) <= {"client_disconnected"}
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_key_lookups_are_single_flight_and_refreshed_in_the_background(db_url: str) -> None:
+    async def go() -> None:
+        db, ledger, _ = await _setup(db_url)
+        keys = KeyStore(db, KeyHasher("s"), cache_seconds=0.2)
+        reads = 0
+        load = keys._load
+
+        async def counting(digest: str) -> object:
+            nonlocal reads
+            reads += 1
+            return await load(digest)
+
+        keys._load = counting  # type: ignore[method-assign]
+        try:
+            secret, key = await keys.create(KeyFields(name="g"), {"name"})
+            found = await asyncio.gather(*[keys.lookup(secret) for _ in range(64)])
+            assert {f.id for f in found if f is not None} == {key.id}
+            assert reads == 1
+            await asyncio.sleep(0.25)  # stale: answered at once, refreshed once behind
+            found = await asyncio.gather(*[keys.lookup(secret) for _ in range(64)])
+            assert all(f is not None for f in found)
+            await asyncio.sleep(0.05)
+            assert reads == 2
+            # An update through this store is seen at once; unknown keys are not cached as known.
+            await keys.update(key.id, KeyFields(rpm=7), {"rpm"})
+            assert (await keys.lookup(secret)).rpm == 7  # type: ignore[union-attr]
+            assert await keys.lookup(secret + "x") is None
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())

@@ -74,6 +74,8 @@ class OpenRow:
     # Write the row already closed with this status (a rejected request).
     status: str = "open"
     error: str | None = None
+    # Its caller stopped waiting for the commit: close it unused once it commits.
+    abandoned: bool = False
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -212,6 +214,36 @@ _CLOSE = (
 )
 
 
+def _admitted(row: OpenRow, admission: Admission) -> bool:
+    return admission.ok and row.status == "open"
+
+
+def _unused(row: OpenRow) -> CloseRow:
+    """The close of an admitted row whose request never started."""
+    return CloseRow(
+        id=row.id,
+        key_id=row.key_id,
+        status="client_disconnected",
+        prompt_tokens=0,
+        cached_tokens=0,
+        completion_tokens=0,
+        cost_nanos=0,
+        reserved_nanos=row.reserved_nanos,
+        error="the request was cancelled before it started",
+    )
+
+
+class _Discard:
+    """A stand-in for a future nobody awaits."""
+
+    @staticmethod
+    def done() -> bool:
+        return True
+
+
+_DISCARD: Any = _Discard()
+
+
 class LedgerUnavailable(Exception):
     """The database did not take the write."""
 
@@ -264,8 +296,21 @@ class Ledger:
         }
 
     async def open(self, row: OpenRow) -> Admission:
-        """Write the row (write-ahead) and reserve on its key; waits for the commit."""
-        return await self._submit(row)  # type: ignore[no-any-return]
+        """Write the row (write-ahead) and reserve on its key; waits for the commit.
+
+        A caller cancelled while it waits gets no request, so its row, if it
+        was admitted, is closed at once, unused: nothing stays reserved.
+        """
+        future = self._enqueue(row)
+        try:
+            return await future  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                if _admitted(row, future.result()):
+                    self._enqueue(_unused(row))
+            else:
+                row.abandoned = True  # the writer closes it once it commits
+            raise
 
     async def close(self, row: CloseRow) -> bool:
         """Close the row exactly once; True if this call closed it. Waits for the commit."""
@@ -274,9 +319,6 @@ class Ledger:
     def enqueue_close(self, row: CloseRow) -> asyncio.Future[bool]:
         """Queue the close now; the future resolves when it has committed."""
         return self._enqueue(row)
-
-    async def _submit(self, row: OpenRow | CloseRow) -> Any:
-        return await asyncio.shield(self._enqueue(row))
 
     def _enqueue(self, row: OpenRow | CloseRow) -> asyncio.Future[Any]:
         if self._task is None:
@@ -337,6 +379,9 @@ class Ledger:
                 for op, result in zip(batch, results, strict=True):
                     if not op.future.done():
                         op.future.set_result(result)
+                    elif type(op.row) is OpenRow and op.row.abandoned and _admitted(op.row, result):
+                        # Its caller was cancelled while it waited.
+                        self._file(_Op(_unused(op.row), _DISCARD), opens, closes, markers)
                 del opens[: len(take)]
                 del closes[: len(batch) - len(take)]
             if markers and not opens and not closes:
