@@ -37,6 +37,8 @@ from tokenwell.protocol.events import Meter
 
 log = logging.getLogger(__name__)
 
+_FREE = Price()  # a model without a price
+
 
 def new_request_id() -> str:
     # An identifier, not a secret: 96 bits from the process's seeded PRNG.
@@ -107,11 +109,8 @@ class Ticket:
         """Wait until the settled row is committed to the ledger."""
         committed, self.committed = self.committed, None
         if committed is not None:
-            try:
-                await asyncio.shield(committed)
-            finally:
-                if self.accounting.journal is not None:
-                    self.accounting.journal.forget(self.request_id)
+            # Shielded: a caller that stops waiting leaves the close to commit.
+            await asyncio.shield(committed)
 
 
 class Accounting:
@@ -166,7 +165,7 @@ class Accounting:
 
     async def admit(self, key: KeyRecord, prepared: Prepared) -> Ticket:
         request = prepared.request
-        price = self.prices.get(request.model, Price())
+        price = self.prices.get(request.model, _FREE)
         request_id = new_request_id()
         if not self.metering:
             ticket = Ticket(self, request_id, key, request.model, price, 0, 0)
@@ -303,6 +302,10 @@ class Accounting:
             error=error,
         )
         committed = self.ledger.enqueue_close(row)
+        if self.journal is not None:
+            # The journal keeps the usage until the ledger has it.
+            journal, request_id = self.journal, ticket.request_id
+            committed.add_done_callback(lambda _: journal.forget(request_id))
         used = prompt + completion
         if ticket.key.tpm:
             await self.limiter.adjust(ticket.key.id, ticket.key.tpm, used - ticket.token_estimate)
@@ -320,7 +323,7 @@ class Accounting:
         for row in rows:
             known = journal_entries.get(row.id)
             prompt, cached, completion = known if known is not None else (0, 0, 0)
-            price = self.prices.get(row.model, Price())
+            price = self.prices.get(row.model, _FREE)
             await self.ledger.close(
                 CloseRow(
                     id=row.id,

@@ -33,47 +33,53 @@ _LIVE = 1
 
 
 class JournalMeter(Meter):
-    """A meter whose counters are words of a journal record."""
+    """A meter whose counters are words of a journal record.
 
-    __slots__ = ("_counts",)
+    ``_words`` is the whole segment as native u32 words (one view, made once
+    per segment) and ``_at`` the index of this record's first counter; once
+    the record is let go, ``_words`` is a plain list of the final counts.
+    """
 
-    def __init__(self, counts: memoryview) -> None:
-        self._counts: memoryview | list[int] = counts
+    __slots__ = ("_at", "_words")
+
+    def __init__(self, words: memoryview, at: int) -> None:
+        self._words: memoryview | list[int] = words
+        self._at = at
         self.estimated = False
 
     @property  # type: ignore[override]
     def prompt_tokens(self) -> int:
-        return int(self._counts[0])
+        return self._words[self._at]
 
     @prompt_tokens.setter
     def prompt_tokens(self, value: int) -> None:
-        self._counts[0] = value
+        self._words[self._at] = value
 
     @property  # type: ignore[override]
     def cached_tokens(self) -> int:
-        return int(self._counts[1])
+        return self._words[self._at + 1]
 
     @cached_tokens.setter
     def cached_tokens(self, value: int) -> None:
-        self._counts[1] = value
+        self._words[self._at + 1] = value
 
     @property  # type: ignore[override]
     def completion_tokens(self) -> int:
-        return int(self._counts[2])
+        return self._words[self._at + 2]
 
     @completion_tokens.setter
     def completion_tokens(self, value: int) -> None:
-        self._counts[2] = value
+        self._words[self._at + 2] = value
 
     def add_completion(self, tokens: int = 1) -> None:
-        self._counts[2] += tokens
+        self._words[self._at + 2] += tokens
 
     def detach(self) -> None:
         """Keep the counts, let go of the record (it may serve another request)."""
-        if isinstance(self._counts, memoryview):
-            counts = list(self._counts)
-            self._counts.release()
-            self._counts = counts
+        if type(self._words) is memoryview:
+            at = self._at
+            self._words = list(self._words[at : at + 3])
+            self._at = 0
 
 
 class _Segment:
@@ -86,6 +92,12 @@ class _Segment:
         finally:
             os.close(fd)
         self.view = memoryview(self.map)
+        self.words = self.view.cast("I")
+
+    def release(self) -> None:
+        self.words.release()
+        self.view.release()
+        self.map.close()
 
 
 class Journal:
@@ -114,12 +126,14 @@ class Journal:
         if not self._free:
             self._add_segment()
         segment, slot = self._free.pop()
-        view = self._segments[segment].view
+        seg = self._segments[segment]
         at = slot * RECORD
-        view[at + 1 : at + 48] = request_id.encode()[:47].ljust(47, b"\0")
-        _COUNTS.pack_into(view, at + _COUNTS_AT, 0, 0, 0)
-        view[at] = _LIVE
-        meter = JournalMeter(view[at + _COUNTS_AT : at + _COUNTS_AT + 12].cast("I"))
+        seg.view[at + 1 : at + 48] = request_id.encode()[:47].ljust(47, b"\0")
+        words = seg.words
+        counts = (at + _COUNTS_AT) // 4
+        words[counts] = words[counts + 1] = words[counts + 2] = 0
+        seg.view[at] = _LIVE
+        meter = JournalMeter(words, counts)
         self._live[request_id] = (segment, slot, meter)
         return meter
 
@@ -141,8 +155,7 @@ class Journal:
             meter.detach()
         self._live.clear()
         for segment in self._segments:
-            segment.view.release()
-            segment.map.close()
+            segment.release()
         self._segments.clear()
 
     @staticmethod
