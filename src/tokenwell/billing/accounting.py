@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from tokenwell.billing.journal import Journal
 from tokenwell.billing.keys import MASTER, KeyHasher, KeyRecord, KeyStore
@@ -109,8 +110,7 @@ class Ticket:
         """Wait until the settled row is committed to the ledger."""
         committed, self.committed = self.committed, None
         if committed is not None:
-            # Shielded: a caller that stops waiting leaves the close to commit.
-            await asyncio.shield(committed)
+            await committed  # cancelling this wait leaves the close to commit
 
 
 class Accounting:
@@ -301,11 +301,10 @@ class Accounting:
             total_ms=total_ms,
             error=error,
         )
-        committed = self.ledger.enqueue_close(row)
         if self.journal is not None:
             # The journal keeps the usage until the ledger has it.
-            journal, request_id = self.journal, ticket.request_id
-            committed.add_done_callback(lambda _: journal.forget(request_id))
+            row.on_commit = partial(self.journal.forget, ticket.request_id)
+        committed = self.ledger.enqueue_close(row)
         used = prompt + completion
         if ticket.key.tpm:
             await self.limiter.adjust(ticket.key.id, ticket.key.tpm, used - ticket.token_estimate)

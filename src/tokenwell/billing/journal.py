@@ -40,11 +40,12 @@ class JournalMeter(Meter):
     the record is let go, ``_words`` is a plain list of the final counts.
     """
 
-    __slots__ = ("_at", "_words")
+    __slots__ = ("_at", "_completion", "_words")
 
     def __init__(self, words: memoryview, at: int) -> None:
         self._words: memoryview | list[int] = words
         self._at = at
+        self._completion = at + 2
         self.estimated = False
 
     @property  # type: ignore[override]
@@ -65,21 +66,21 @@ class JournalMeter(Meter):
 
     @property  # type: ignore[override]
     def completion_tokens(self) -> int:
-        return self._words[self._at + 2]
+        return self._words[self._completion]
 
     @completion_tokens.setter
     def completion_tokens(self, value: int) -> None:
-        self._words[self._at + 2] = value
+        self._words[self._completion] = value
 
     def add_completion(self, tokens: int = 1) -> None:
-        self._words[self._at + 2] += tokens
+        self._words[self._completion] += tokens
 
     def detach(self) -> None:
         """Keep the counts, let go of the record (it may serve another request)."""
         if type(self._words) is memoryview:
             at = self._at
             self._words = list(self._words[at : at + 3])
-            self._at = 0
+            self._at, self._completion = 0, 2
 
 
 class _Segment:

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -115,6 +116,8 @@ class CloseRow:
     total_ms: float | None = None
     error: str | None = None
     closed_at: float = field(default_factory=time.time)
+    # Called on the event loop once the close has committed (won or not).
+    on_commit: Callable[[], None] | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -244,6 +247,56 @@ class _Discard:
 _DISCARD: Any = _Discard()
 
 
+# PostgreSQL takes a whole batch as one statement over column arrays (unnest):
+# one round trip and one executor start-up per batch instead of one per row,
+# which was most of PostgreSQL's CPU per request here.
+_PG_OPEN_COLUMNS = (
+    ("id", "text"),
+    ("key_id", "text"),
+    ("model", "text"),
+    ("stream", "boolean"),
+    ("include_usage", "boolean"),
+    ("n", "integer"),
+    ("status", "text"),
+    ("prompt_tokens", "integer"),
+    ("reserved_nanos", "bigint"),
+    ("created_at", "float8"),
+    ("day", "text"),
+    ("instance", "text"),
+    ("user", "text"),
+    ("closed_at", "float8"),
+    ("error", "text"),
+)
+_PG_OPEN = "INSERT INTO requests ({}) SELECT * FROM unnest({})".format(
+    ", ".join(f'"{name}"' for name, _ in _PG_OPEN_COLUMNS),
+    ", ".join(f"%(c{i})s::{kind}[]" for i, (_, kind) in enumerate(_PG_OPEN_COLUMNS)),
+)
+# CloseRow.params() names → column, type. Only rows still open match, under
+# their row locks, and RETURNING says which: exactly once across replicas.
+_PG_CLOSE_COLUMNS = (
+    ("r_id", "id", "text"),
+    ("r_status", "status", "text"),
+    ("r_prompt", "prompt_tokens", "integer"),
+    ("r_cached", "cached_tokens", "integer"),
+    ("r_completion", "completion_tokens", "integer"),
+    ("r_cost", "cost_nanos", "bigint"),
+    ("r_estimated", "estimated", "boolean"),
+    ("r_queue", "queue_ms", "float8"),
+    ("r_ttft", "ttft_ms", "float8"),
+    ("r_total", "total_ms", "float8"),
+    ("r_closed", "closed_at", "float8"),
+    ("r_error", "error", "text"),
+)
+_PG_CLOSE = (
+    "UPDATE requests AS r SET {} FROM unnest({}) AS v({}) "
+    "WHERE r.id = v.id AND r.status = 'open' RETURNING r.id"
+).format(
+    ", ".join(f"{column} = v.{column}" for _, column, _ in _PG_CLOSE_COLUMNS[1:]),
+    ", ".join(f"%({param})s::{kind}[]" for param, _, kind in _PG_CLOSE_COLUMNS),
+    ", ".join(column for _, column, _ in _PG_CLOSE_COLUMNS),
+)
+
+
 class LedgerUnavailable(Exception):
     """The database did not take the write."""
 
@@ -317,7 +370,11 @@ class Ledger:
         return await asyncio.shield(self.enqueue_close(row))
 
     def enqueue_close(self, row: CloseRow) -> asyncio.Future[bool]:
-        """Queue the close now; the future resolves when it has committed."""
+        """Queue the close now; the future resolves when it has committed.
+
+        The close commits whether or not anyone awaits the future (cancelling
+        it only stops the wait).
+        """
         return self._enqueue(row)
 
     def _enqueue(self, row: OpenRow | CloseRow) -> asyncio.Future[Any]:
@@ -377,6 +434,8 @@ class Ledger:
                     continue
                 delay = 0.05
                 for op, result in zip(batch, results, strict=True):
+                    if type(op.row) is CloseRow and op.row.on_commit is not None:
+                        op.row.on_commit()
                     if not op.future.done():
                         op.future.set_result(result)
                     elif type(op.row) is OpenRow and op.row.abandoned and _admitted(op.row, result):
@@ -481,7 +540,15 @@ class Ledger:
                     row.status = "rejected"
                     row.error = f"refused: {admission.reason}"
                 results[id(row)] = admission
-        if opens:
+        if not opens:
+            return
+        if self.db.dialect == "postgresql":
+            rows = [row.values() for row in opens]
+            columns = {
+                f"c{i}": [row[name] for row in rows] for i, (name, _) in enumerate(_PG_OPEN_COLUMNS)
+            }
+            conn.exec_driver_sql(_PG_OPEN, columns)
+        else:
             self._executemany(conn, _OPEN, [row.values() for row in opens])
 
     def _close_rows(
@@ -489,24 +556,20 @@ class Ledger:
     ) -> None:
         if not closes:
             return
-        query = select(requests.c.id).where(
-            requests.c.id.in_([r.id for r in closes]), requests.c.status == "open"
-        )
-        if self.db.dialect == "postgresql":
-            query = query.with_for_update()
-        still_open = set((conn.execute(query)).scalars())
         todo: list[CloseRow] = []
+        seen: set[str] = set()
         for row in closes:
-            first = row.id in still_open
-            still_open.discard(row.id)  # the same request twice in a batch closes once
-            results[id(row)] = first
-            if first:
+            # The same request twice in a batch closes once, the first time.
+            results[id(row)] = row.id not in seen
+            if row.id not in seen:
+                seen.add(row.id)
                 todo.append(row)
-        if not todo:
-            return
-        done = self._executemany(conn, _CLOSE, [row.params() for row in todo])
-        if done.rowcount not in (-1, len(todo)):  # pragma: no cover - another writer raced us
-            raise RuntimeError("ledger rows changed under the batch; retrying")
+        closed = self._close_open(conn, todo)
+        if len(closed) != len(todo):  # some were closed already (by another close)
+            for row in todo:
+                if row.id not in closed:
+                    results[id(row)] = False
+            todo = [row for row in todo if row.id in closed]
         spend: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for row in todo:
             if row.key_id != MASTER_ID:
@@ -521,6 +584,27 @@ class Ledger:
                     for key, (cost, reserved) in sorted(spend.items())
                 ],
             )
+
+    def _close_open(self, conn: Connection, rows: list[CloseRow]) -> set[str]:
+        """Close those of ``rows`` still open; the ids this closed."""
+        params = [row.params() for row in rows]
+        if self.db.dialect == "postgresql":
+            columns = {name: [p[name] for p in params] for name, _, _ in _PG_CLOSE_COLUMNS}
+            return set(conn.exec_driver_sql(_PG_CLOSE, columns).scalars())
+        # SQLite: one writer at a time, so what this transaction reads as open
+        # stays open until it commits.
+        found = conn.execute(
+            select(requests.c.id).where(
+                requests.c.id.in_([row.id for row in rows]), requests.c.status == "open"
+            )
+        )
+        still_open = set(found.scalars())
+        todo = [p for p in params if p["r_id"] in still_open]
+        if todo:
+            done = self._executemany(conn, _CLOSE, todo)
+            if done.rowcount not in (-1, len(todo)):  # pragma: no cover - raced
+                raise RuntimeError("ledger rows changed under the batch; retrying")
+        return still_open
 
     def _executemany(self, conn: Connection, statement: Any, rows: list[dict[str, Any]]) -> Any:
         """Run a statement (for one row or many) straight through the driver.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     allowed: bool
     retry_after: float = 0.0
@@ -61,22 +61,29 @@ class RateLimiter(Protocol):
     async def close(self) -> None: ...
 
 
-def _level(level: float, stamp: float, limit: int, now: float) -> float:
+def _level(level: float | None, stamp: float, limit: int, now: float) -> float:
+    if level is None:  # a bucket not drawn from yet is full
+        return float(limit)
     return min(float(limit), level + (now - stamp) * limit / 60.0)
 
 
 class LocalRateLimiter:
-    def __init__(self) -> None:
-        self._buckets: dict[str, tuple[float, float]] = {}
+    """The buckets of this process: per key ``[requests, stamp, tokens, stamp]``."""
 
-    def _take(self, name: str, limit: int, now: float) -> float:
-        level, stamp = self._buckets.get(name, (float(limit), now))
-        return _level(level, stamp, limit, now)
+    def __init__(self) -> None:
+        self._buckets: dict[str, list[Any]] = {}
+
+    def _bucket(self, key: str) -> list[Any]:
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = [None, 0.0, None, 0.0]
+        return bucket
 
     async def acquire(self, key: str, rpm: int | None, tpm: int | None, tokens: int) -> Decision:
         now = time.monotonic()
-        req = self._take(f"r:{key}", rpm, now) if rpm else None
-        tok = self._take(f"t:{key}", tpm, now) if tpm else None
+        bucket = self._bucket(key)
+        req = _level(bucket[0], bucket[1], rpm, now) if rpm else None
+        tok = _level(bucket[2], bucket[3], tpm, now) if tpm else None
         wait = 0.0
         if rpm and req is not None and req < 1:
             wait = max(wait, (1 - req) * 60 / rpm)
@@ -84,20 +91,21 @@ class LocalRateLimiter:
             wait = max(wait, (tokens - tok) * 60 / tpm)
         if wait > 0:
             return Decision(False, wait, rpm, req, tpm, tok)
-        if rpm and req is not None:
+        if req is not None:
             req -= 1
-            self._buckets[f"r:{key}"] = (req, now)
-        if tpm and tok is not None:
+            bucket[0], bucket[1] = req, now
+        if tok is not None:
             tok -= tokens
-            self._buckets[f"t:{key}"] = (tok, now)
+            bucket[2], bucket[3] = tok, now
         return Decision(True, 0.0, rpm, req, tpm, tok)
 
     async def adjust(self, key: str, tpm: int | None, tokens: int) -> None:
         if not tpm or not tokens:
             return
         now = time.monotonic()
-        level = self._take(f"t:{key}", tpm, now)
-        self._buckets[f"t:{key}"] = (min(level - tokens, float(tpm)), now)
+        bucket = self._bucket(key)
+        bucket[2] = min(_level(bucket[2], bucket[3], tpm, now) - tokens, float(tpm))
+        bucket[3] = now
 
     async def close(self) -> None:
         return None
