@@ -196,3 +196,37 @@ def test_key_lookups_are_single_flight_and_refreshed_in_the_background(db_url: s
             await db.close()
 
     asyncio.run(go())
+
+
+def test_opens_commit_without_waiting_closes(db_url: str) -> None:
+    """An admission waits for a short commit of opens, not for queued closes."""
+
+    async def go() -> None:
+        db, ledger, keys = await _setup(db_url)
+        batches: list[list[str]] = []
+        commit = ledger._commit
+
+        async def recording(batch: list) -> list:  # type: ignore[type-arg]
+            batches.append([type(op.row).__name__ for op in batch])
+            return await commit(batch)
+
+        ledger._commit = recording  # type: ignore[method-assign]
+        try:
+            _, key = await keys.create(KeyFields(name="h", budget_usd=1), {"name", "budget_usd"})
+            await asyncio.gather(*[ledger.open(_open(f"a{i}", key.id, 10)) for i in range(10)])
+            batches.clear()
+            closes = [ledger.enqueue_close(_close(f"a{i}", key.id, 5, 10)) for i in range(10)]
+            opened = await asyncio.gather(
+                *[ledger.open(_open(f"b{i}", key.id, 10)) for i in range(10)]
+            )
+            assert all(a.ok for a in opened)
+            assert batches[0] == ["OpenRow"] * 10
+            assert all(await asyncio.gather(*closes))  # and the closes follow
+            assert sum(b.count("CloseRow") for b in batches) == 10
+            record = await keys.get(key.id)
+            assert (record.spent_nanos, record.reserved_nanos) == (50, 100)
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())
