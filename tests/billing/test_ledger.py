@@ -230,3 +230,16 @@ def test_opens_commit_without_waiting_closes(db_url: str) -> None:
             await db.close()
 
     asyncio.run(go())
+
+
+def test_request_ids_are_unique_and_ordered_by_time() -> None:
+    import time
+
+    from tokenwell.billing.accounting import new_request_id
+
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 28 and i.startswith("req_") for i in ids)
+    time.sleep(0.002)
+    later = new_request_id()
+    assert later[:16] > max(ids)[:16]  # the time part orders them

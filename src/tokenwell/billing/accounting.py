@@ -42,8 +42,13 @@ _FREE = Price()  # a model without a price
 
 
 def new_request_id() -> str:
-    # An identifier, not a secret: 96 bits from the process's seeded PRNG.
-    return f"req_{random.getrandbits(96):024x}"
+    """``req_`` + 48 bits of UNIX milliseconds + 48 random bits, in hex.
+
+    An identifier, not a secret (the process's seeded PRNG). Time first, so
+    new ledger rows land at the end of the primary-key index instead of on
+    random pages: fewer pages written per commit, on SQLite and PostgreSQL.
+    """
+    return f"req_{time.time_ns() // 1_000_000:012x}{random.getrandbits(48):012x}"
 
 
 def bearer_token(header: str | None) -> str:

@@ -88,7 +88,13 @@ requests = Table(
     Column("user", String(256), nullable=True),
     Column("error", Text, nullable=True),
     Index("ix_requests_key_day", "key_id", "day"),
-    Index("ix_requests_instance_status", "instance", "status"),
+    # Only the rows in flight (recovery's lookup), see migration 0002.
+    Index(
+        "ix_requests_open",
+        "instance",
+        sqlite_where=text("status = 'open'"),
+        postgresql_where=text("status = 'open'"),
+    ),
 )
 
 

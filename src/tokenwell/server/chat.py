@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
+from functools import partial
 
 from starlette.requests import Request
 from starlette.types import ASGIApp
@@ -87,10 +88,6 @@ class ChatService:
             raise
         self.metrics.request_started(chat.model)
 
-        async def settle(gen: Generation, outcome: Outcome) -> Awaitable[None]:
-            await self._settle(ticket, gen, outcome)
-            return ticket.durable()
-
         return GenerationResponse(
             generation,
             Identity(model=chat.model, system_fingerprint=engine.system_fingerprint),
@@ -98,7 +95,7 @@ class ChatService:
             include_usage=chat.include_usage,
             logprobs=chat.logprobs,
             keepalive=self.keepalive_seconds,
-            settle=settle,
+            settle=partial(self._settle, ticket),
             headers=ticket.headers,
             started_at=started,
             output_filter=self.policy.output_filter(chat.n) if self.policy else None,

@@ -56,8 +56,9 @@ class Outcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# Settling returns what to await for the bill to be durable (after the last bytes).
-Settle = Callable[[Generation, Outcome], Awaitable[Awaitable[None]]]
+# Settling bills the request: usage journaled, limits trued up, the ledger
+# close queued (it commits moments later, without holding the response).
+Settle = Callable[[Generation, Outcome], Awaitable[None]]
 
 
 class GenerationResponse:
@@ -86,7 +87,6 @@ class GenerationResponse:
         self.outcome = Outcome("completed", started_at or time.perf_counter())
         self.disconnected = False
         self._finished = False
-        self._durable: Awaitable[None] | None = None
         self.filter = output_filter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -104,16 +104,7 @@ class GenerationResponse:
             raise
         finally:
             watcher.cancel()
-            await asyncio.shield(self._close())
-
-    async def _close(self) -> None:
-        await self._finish()
-        durable, self._durable = self._durable, None
-        if durable is not None:
-            try:
-                await durable
-            except Exception:
-                log.exception("committing the ledger row of %s failed", self.ident.id)
+            await asyncio.shield(self._finish())
 
     @property
     def _complete(self) -> bool:
@@ -177,7 +168,7 @@ class GenerationResponse:
         else:
             outcome.status = "interrupted"
         try:
-            self._durable = await self._settle(gen, outcome)
+            await self._settle(gen, outcome)
         except Exception:
             log.exception("settling request %s failed", self.ident.id)
 
