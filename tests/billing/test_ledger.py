@@ -243,3 +243,50 @@ def test_request_ids_are_unique_and_ordered_by_time() -> None:
     time.sleep(0.002)
     later = new_request_id()
     assert later[:16] > max(ids)[:16]  # the time part orders them
+
+
+def test_batches_of_one_key_and_of_several_bill_each_key(db_url: str) -> None:
+    """Batches of one key (one statement on PostgreSQL) and mixed ones add up alike."""
+
+    async def go() -> None:
+        from tokenwell.billing.keys import MASTER_ID
+
+        db, ledger, keys = await _setup(db_url)
+        try:
+            _, a = await keys.create(KeyFields(name="a", budget_usd=1), {"name", "budget_usd"})
+            _, b = await keys.create(KeyFields(name="b", budget_usd=1), {"name", "budget_usd"})
+            owners = [a.id] * 6 + [b.id] * 3 + [MASTER_ID] * 2
+            # One key per batch, then all mixed together.
+            for batch in ([o for o in owners if o == a.id], owners):
+                tag = len(batch)
+                opened = await asyncio.gather(
+                    *[ledger.open(_open(f"m{tag}_{i}", o, 100)) for i, o in enumerate(batch)]
+                )
+                assert all(x.ok for x in opened)
+                closed = await asyncio.gather(
+                    *[
+                        ledger.close(_close(f"m{tag}_{i}", o, 10 + i, 100))
+                        for i, o in enumerate(batch)
+                    ]
+                )
+                assert all(closed)
+            spent_a = sum(10 + i for i in range(6)) * 2
+            spent_b = sum(10 + i for i in range(6, 9))
+            assert ((await keys.get(a.id)).spent_nanos, (await keys.get(a.id)).reserved_nanos) == (
+                spent_a,
+                0,
+            )
+            assert ((await keys.get(b.id)).spent_nanos, (await keys.get(b.id)).reserved_nanos) == (
+                spent_b,
+                0,
+            )
+            # Closing again changes nothing.
+            again = await ledger.close(_close("m6_0", a.id, 10, 100))
+            assert again is False
+            assert (await keys.get(a.id)).spent_nanos == spent_a
+            assert await ledger.open_rows("inst") == []
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())

@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
+from tokenwell.billing import pgbatch
 from tokenwell.billing.db import Database, api_keys, requests
 from tokenwell.billing.keys import MASTER_ID
 
@@ -133,6 +134,7 @@ class CloseRow:
             "r_total": self.total_ms,
             "r_closed": self.closed_at,
             "r_error": self.error,
+            "r_reserved": self.reserved_nanos,
             "r_open": "open",
         }
 
@@ -217,6 +219,21 @@ _CLOSE = (
 )
 
 
+def _first_closes(closes: list[CloseRow], results: dict[int, Any]) -> list[CloseRow]:
+    """The closes to run: the same request twice in a batch closes once, the first time.
+
+    Marks each in ``results`` as the one that closes its row (True) or not.
+    """
+    todo: list[CloseRow] = []
+    seen: set[str] = set()
+    for row in closes:
+        results[id(row)] = row.id not in seen
+        if row.id not in seen:
+            seen.add(row.id)
+            todo.append(row)
+    return todo
+
+
 def _admitted(row: OpenRow, admission: Admission) -> bool:
     return admission.ok and row.status == "open"
 
@@ -245,56 +262,6 @@ class _Discard:
 
 
 _DISCARD: Any = _Discard()
-
-
-# PostgreSQL takes a whole batch as one statement over column arrays (unnest):
-# one round trip and one executor start-up per batch instead of one per row,
-# which was most of PostgreSQL's CPU per request here.
-_PG_OPEN_COLUMNS = (
-    ("id", "text"),
-    ("key_id", "text"),
-    ("model", "text"),
-    ("stream", "boolean"),
-    ("include_usage", "boolean"),
-    ("n", "integer"),
-    ("status", "text"),
-    ("prompt_tokens", "integer"),
-    ("reserved_nanos", "bigint"),
-    ("created_at", "float8"),
-    ("day", "text"),
-    ("instance", "text"),
-    ("user", "text"),
-    ("closed_at", "float8"),
-    ("error", "text"),
-)
-_PG_OPEN = "INSERT INTO requests ({}) SELECT * FROM unnest({})".format(
-    ", ".join(f'"{name}"' for name, _ in _PG_OPEN_COLUMNS),
-    ", ".join(f"%(c{i})s::{kind}[]" for i, (_, kind) in enumerate(_PG_OPEN_COLUMNS)),
-)
-# CloseRow.params() names → column, type. Only rows still open match, under
-# their row locks, and RETURNING says which: exactly once across replicas.
-_PG_CLOSE_COLUMNS = (
-    ("r_id", "id", "text"),
-    ("r_status", "status", "text"),
-    ("r_prompt", "prompt_tokens", "integer"),
-    ("r_cached", "cached_tokens", "integer"),
-    ("r_completion", "completion_tokens", "integer"),
-    ("r_cost", "cost_nanos", "bigint"),
-    ("r_estimated", "estimated", "boolean"),
-    ("r_queue", "queue_ms", "float8"),
-    ("r_ttft", "ttft_ms", "float8"),
-    ("r_total", "total_ms", "float8"),
-    ("r_closed", "closed_at", "float8"),
-    ("r_error", "error", "text"),
-)
-_PG_CLOSE = (
-    "UPDATE requests AS r SET {} FROM unnest({}) AS v({}) "
-    "WHERE r.id = v.id AND r.status = 'open' RETURNING r.id"
-).format(
-    ", ".join(f"{column} = v.{column}" for _, column, _ in _PG_CLOSE_COLUMNS[1:]),
-    ", ".join(f"%({param})s::{kind}[]" for param, _, kind in _PG_CLOSE_COLUMNS),
-    ", ".join(column for _, column, _ in _PG_CLOSE_COLUMNS),
-)
 
 
 class LedgerUnavailable(Exception):
@@ -328,7 +295,10 @@ class Ledger:
         self.rows = 0
         self.thread_seconds = 0.0  # CPU time of SQLite commits on the ledger thread
         self._compiled: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
-        self._conn: Connection | None = None  # used on the ledger thread only
+        # Used on the ledger thread only: a transactional connection and, on
+        # PostgreSQL, an autocommit one for single-statement batches.
+        self._conn: Connection | None = None
+        self._auto: Connection | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -499,23 +469,85 @@ class Ledger:
     def _commit_in_thread(self, batch: list[_Op]) -> list[Any]:
         started = time.thread_time()
         try:
-            # One connection, kept open on this thread for the ledger's life.
-            if self._conn is None or self._conn.closed:
-                self._conn = self.db.sync_engine.connect()
-            try:
-                with self._conn.begin():
-                    return self._commit_sync(self._conn, batch)
-            except Exception:
-                self._conn.close()
-                self._conn = None
-                raise
+            if self.db.dialect == "postgresql":
+                done = self._commit_one_key(batch)
+                if done is not None:
+                    return done
+            conn = self._connection()
+            with conn.begin():
+                return self._commit_sync(conn, batch)
+        except Exception:
+            self._close_connection()
+            raise
         finally:
             self.thread_seconds += time.thread_time() - started
 
+    def _connection(self) -> Connection:
+        # Kept open on this thread for the ledger's life.
+        if self._conn is None or self._conn.closed:
+            self._conn = self.db.sync_engine.connect()
+        return self._conn
+
+    def _autocommit(self) -> Connection:
+        if self._auto is None or self._auto.closed:
+            self._auto = self.db.sync_engine.connect().execution_options(
+                isolation_level="AUTOCOMMIT"
+            )
+        return self._auto
+
     def _close_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._auto):
+            if conn is not None:
+                conn.close()
+        self._conn = self._auto = None
+
+    def _commit_one_key(self, batch: list[_Op]) -> list[Any] | None:
+        """PostgreSQL, a batch whose rows all belong to one key: one statement each
+        for its closes and its opens, in autocommit (see ``pgbatch``).
+
+        None when the batch spans several keys (then one transaction takes it,
+        keys locked in order). Each statement is atomic; if the opens' fails
+        after the closes' committed, the whole batch is retried and the closes
+        find their rows closed already, so nothing is billed twice.
+        """
+        opens = [op.row for op in batch if type(op.row) is OpenRow]
+        closes = [op.row for op in batch if type(op.row) is CloseRow]
+        keys = {r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID}
+        if len(keys) > 1:
+            return None
+        key = next(iter(keys), None)
+        auto = self._autocommit()
+        results: dict[int, Any] = {}
+        if closes:
+            todo = _first_closes(closes, results)
+            params = pgbatch.close_params([row.params() for row in todo], k_id=key)
+            statement = pgbatch.CLOSE_AND_SPEND if key is not None else pgbatch.CLOSE
+            closed = set(auto.exec_driver_sql(statement, params).scalars())
+            for row in todo:
+                if row.id not in closed:
+                    results[id(row)] = False
+        if opens:
+            values = [row.values() for row in opens]
+            checked = [r for r in opens if r.status == "open" and r.check_key and r.key_id == key]
+            if not checked:
+                auto.exec_driver_sql(pgbatch.OPEN, pgbatch.open_params(values))
+                inserted = len(opens)
+            else:
+                params = pgbatch.open_params(
+                    values,
+                    k_id=key,
+                    k_now=time.time(),
+                    k_amount=sum(r.reserved_nanos for r in checked),
+                )
+                inserted = auto.exec_driver_sql(pgbatch.RESERVE_AND_OPEN, params).rowcount
+            if inserted == len(opens):
+                for row in opens:
+                    results[id(row)] = Admission(True)
+            else:  # the budget does not cover them all (or the key is gone): row by row
+                conn = self._connection()
+                with conn.begin():
+                    self._open_rows(conn, opens, results)
+        return [results[id(op.row)] for op in batch]
 
     def _commit_sync(self, conn: Connection, batch: list[_Op]) -> list[Any]:
         """One transaction for the whole batch, with a handful of statements.
@@ -565,11 +597,7 @@ class Ledger:
         if not opens:
             return
         if self.db.dialect == "postgresql":
-            rows = [row.values() for row in opens]
-            columns = {
-                f"c{i}": [row[name] for row in rows] for i, (name, _) in enumerate(_PG_OPEN_COLUMNS)
-            }
-            conn.exec_driver_sql(_PG_OPEN, columns)
+            conn.exec_driver_sql(pgbatch.OPEN, pgbatch.open_params([r.values() for r in opens]))
         else:
             self._executemany(conn, _OPEN, [row.values() for row in opens])
 
@@ -578,14 +606,7 @@ class Ledger:
     ) -> None:
         if not closes:
             return
-        todo: list[CloseRow] = []
-        seen: set[str] = set()
-        for row in closes:
-            # The same request twice in a batch closes once, the first time.
-            results[id(row)] = row.id not in seen
-            if row.id not in seen:
-                seen.add(row.id)
-                todo.append(row)
+        todo = _first_closes(closes, results)
         closed = self._close_open(conn, todo)
         if len(closed) != len(todo):  # some were closed already (by another close)
             for row in todo:
@@ -611,8 +632,7 @@ class Ledger:
         """Close those of ``rows`` still open; the ids this closed."""
         params = [row.params() for row in rows]
         if self.db.dialect == "postgresql":
-            columns = {name: [p[name] for p in params] for name, _, _ in _PG_CLOSE_COLUMNS}
-            return set(conn.exec_driver_sql(_PG_CLOSE, columns).scalars())
+            return set(conn.exec_driver_sql(pgbatch.CLOSE, pgbatch.close_params(params)).scalars())
         # SQLite: one writer at a time, so what this transaction reads as open
         # stays open until it commits.
         found = conn.execute(
