@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -131,12 +131,26 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 def run_as_task(
-    generation: Generation, work: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]
+    generation: Generation,
+    work: Coroutine[Any, Any, None],
+    tasks: set[asyncio.Task[None]],
+    on_done: Callable[[], None] | None = None,
 ) -> Generation:
-    """Run an engine's ``work`` for ``generation`` as a task that its cancel stops."""
+    """Run an engine's ``work`` for ``generation`` as a task that its cancel stops.
+
+    The generation is closed when the task ends, however it ends, also when
+    it is cancelled before it began (then ``work`` never ran at all).
+    """
     task = asyncio.create_task(work)
     tasks.add(task)
-    task.add_done_callback(tasks.discard)
+
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        generation.close()
+        if on_done is not None:
+            on_done()
+
+    task.add_done_callback(done)
     generation.on_cancel(task.cancel)
     return generation
 

@@ -184,18 +184,26 @@ class ScriptedEngine(Engine):
             raise Overloaded(
                 f"The model `{self.model_id}` is not ready.", headers={"Retry-After": "1"}
             )
-        if self._slots.locked() and self._waiting >= self.settings.max_queue:
+        # Counted here, not in the task: requests admitted in one loop
+        # iteration must see each other before any of their tasks runs.
+        settings = self.settings
+        if self._running + self._waiting >= settings.parallel + settings.max_queue:
             raise Overloaded(
                 f"The model `{self.model_id}` is at capacity; retry after a short wait.",
                 headers={"Retry-After": "1"},
             )
         generation = Generation(prepared.request.n, meter)
-        return run_as_task(generation, self._run(generation, prepared), self._tasks)
+        self._waiting += 1
+
+        def done() -> None:
+            if generation.started_at is None:  # ended before it got a slot
+                self._waiting -= 1
+
+        return run_as_task(generation, self._run(generation, prepared), self._tasks, done)
 
     async def _run(self, gen: Generation, prepared: Prepared) -> None:
         plan: _Plan = prepared.payload
         request = prepared.request
-        self._waiting += 1
         try:
             async with self._slots:
                 self._waiting -= 1
@@ -209,8 +217,7 @@ class ScriptedEngine(Engine):
                 finally:
                     self._running -= 1
         except asyncio.CancelledError:
-            if gen.started_at is None:
-                self._waiting -= 1
+            pass  # cancelled: what was made is billed
         finally:
             gen.close()
 
