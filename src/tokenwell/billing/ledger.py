@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from tokenwell.billing import pgbatch
@@ -262,6 +263,11 @@ class _Discard:
 
 
 _DISCARD: Any = _Discard()
+
+
+_SQLITE_STILL_OPEN = (
+    "SELECT id FROM requests WHERE status = 'open' AND id IN (SELECT value FROM json_each(?))"
+)
 
 
 class LedgerUnavailable(Exception):
@@ -635,12 +641,10 @@ class Ledger:
             return set(conn.exec_driver_sql(pgbatch.CLOSE, pgbatch.close_params(params)).scalars())
         # SQLite: one writer at a time, so what this transaction reads as open
         # stays open until it commits.
-        found = conn.execute(
-            select(requests.c.id).where(
-                requests.c.id.in_([row.id for row in rows]), requests.c.status == "open"
-            )
-        )
-        still_open = set(found.scalars())
+        # One constant statement (the ids as one JSON array): no SQL to build
+        # per batch, which through SQLAlchemy cost ~200 µs a batch.
+        found = conn.exec_driver_sql(_SQLITE_STILL_OPEN, (orjson.dumps([row.id for row in rows]),))
+        still_open = {r[0] for r in found}
         todo = [p for p in params if p["r_id"] in still_open]
         if todo:
             done = self._executemany(conn, _CLOSE, todo)
