@@ -20,12 +20,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -281,6 +282,58 @@ class _Op:
     queued_at: float = 0.0  # closes: when the writer took it off the queue
 
 
+_Getter = Callable[[dict[str, Any]], tuple[Any, ...]]
+
+
+def _row_getter(names: tuple[str, ...]) -> _Getter:
+    """A row dict → its values in bind order, as a tuple (at C speed)."""
+    if len(names) == 1:
+        name = names[0]
+        return lambda row: (row[name],)
+    return itemgetter(*names)
+
+
+class _Inbox:
+    """The writer's queue: a deque, and one future to wake the writer while it sleeps."""
+
+    def __init__(self) -> None:
+        self._items: deque[_Op] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, op: _Op) -> None:
+        self._items.append(op)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def drain(self) -> list[_Op]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until something is queued, or ``timeout`` seconds."""
+        if self._items:
+            return
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        handle = loop.call_later(timeout, _wake, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Ledger:
     def __init__(
         self,
@@ -293,14 +346,16 @@ class Ledger:
         self.max_batch = max_batch
         self.close_linger = close_linger
         self.close_max_wait = close_max_wait
-        self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._inbox = _Inbox()
         self._task: asyncio.Task[None] | None = None
         # Commits run on a thread of the ledger's own (see _commit).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self.batches = 0
         self.rows = 0
         self.thread_seconds = 0.0  # CPU time of SQLite commits on the ledger thread
-        self._compiled: dict[tuple[int, str], tuple[str, tuple[str, ...] | None]] = {}
+        self._compiled: dict[
+            tuple[int, str], tuple[str, Callable[[Any], tuple[Any, ...]] | None]
+        ] = {}
         # Used on the ledger thread only: a transactional connection and, on
         # PostgreSQL, an autocommit one for single-statement batches.
         self._conn: Connection | None = None
@@ -315,7 +370,7 @@ class Ledger:
             return
         # A marker behind everything queued resolves once all of it committed.
         done = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Op(None, done))  # type: ignore[arg-type]
+        self._inbox.put(_Op(None, done))  # type: ignore[arg-type]
         await done
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -328,7 +383,7 @@ class Ledger:
         return {
             "batches": self.batches,
             "rows": self.rows,
-            "queued": self._queue.qsize(),
+            "queued": len(self._inbox),
             "thread_seconds": self.thread_seconds,
         }
 
@@ -365,7 +420,7 @@ class Ledger:
         if self._task is None:
             raise LedgerUnavailable("the ledger is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Op(row, future))
+        self._inbox.put(_Op(row, future))
         return future
 
     # -------------------------------------------------------------- the writer
@@ -393,18 +448,16 @@ class Ledger:
         delay = 0.05
         while True:
             if not (opens or closes or markers):
-                self._file(await self._queue.get(), opens, closes, markers)
-            while not self._queue.empty():
-                self._file(self._queue.get_nowait(), opens, closes, markers)
+                await self._inbox.wait()
+            for op in self._inbox.drain():
+                self._file(op, opens, closes, markers)
             if closes and not opens and not markers and len(closes) < self.max_batch:
                 # Closes may wait a moment: more of them share the commit, and an
                 # open arriving meanwhile finds the writer free instead of queueing
                 # behind them.
-                with contextlib.suppress(TimeoutError):
-                    op = await asyncio.wait_for(self._queue.get(), self.close_linger)
+                await self._inbox.wait(self.close_linger)
+                for op in self._inbox.drain():
                     self._file(op, opens, closes, markers)
-                    while not self._queue.empty():
-                        self._file(self._queue.get_nowait(), opens, closes, markers)
             take = opens[: self.max_batch]
             if (
                 not take
@@ -666,11 +719,12 @@ class Ledger:
             # Positional styles (sqlite's "?") take tuples in bind order; named
             # ones (psycopg's "%(name)s") take the rows as they are.
             names = tuple(done.positiontup) if done.positional and done.positiontup else None
-            compiled = self._compiled[key] = (done.string, names)
-        sql, names = compiled
-        if names is None:
+            getter = _row_getter(names) if names else None
+            compiled = self._compiled[key] = (done.string, getter)
+        sql, getter = compiled
+        if getter is None:
             return conn.exec_driver_sql(sql, rows)
-        return conn.exec_driver_sql(sql, [tuple(row[name] for name in names) for row in rows])
+        return conn.exec_driver_sql(sql, list(map(getter, rows)))
 
     def _reserve(self, conn: Connection, row: OpenRow, now: float) -> Admission:
         taken = self._executemany(
