@@ -137,13 +137,26 @@ def main() -> None:
     finally:
         _pg(f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)")
     rps = {k: statistics.median(r["requests_per_s"] for r in v) for k, v in runs.items()}
-    result = {
+    result: dict[str, object] = {
         "concurrency": args.concurrency,
         "chunks_per_response": 64,
+        "rounds": args.rounds,
         "requests_per_s": rps,
         "overhead_sqlite": round(1 - rps["sqlite"] / rps["off"], 3),
         "overhead_postgresql": round(1 - rps["postgresql"] / rps["off"], 3),
     }
+    # Each round's runs are minutes apart at most, so a round's own ratio is
+    # the least disturbed by the machine's drift: their median, and range.
+    for kind in ("sqlite", "postgresql"):
+        paired = sorted(
+            1 - m["requests_per_s"] / o["requests_per_s"]
+            for m, o in zip(runs[kind], runs["off"], strict=True)
+        )
+        result[f"round_overhead_{kind}"] = {
+            "median": round(statistics.median(paired), 3),
+            "min": round(paired[0], 3),
+            "max": round(paired[-1], 3),
+        }
     print(json.dumps(result, indent=2))
 
 

@@ -290,3 +290,37 @@ def test_batches_of_one_key_and_of_several_bill_each_key(db_url: str) -> None:
             await db.close()
 
     asyncio.run(go())
+
+
+def test_sqlite_wal_is_checkpointed_off_the_commit_path(tmp_path: object) -> None:
+    from pathlib import Path
+
+    async def go() -> None:
+        path = Path(str(tmp_path)) / "ledger.db"
+        db, ledger, keys = await _setup(f"sqlite:///{path}")
+        checkpointer = ledger._checkpointer
+        assert checkpointer is not None
+        checkpointer.interval = 0.05
+        try:
+            with db.sync_engine.connect() as conn:  # the ledger's commits never checkpoint
+                assert conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+            _, key = await keys.create(KeyFields(name="w", budget_usd=1), {"name", "budget_usd"})
+            for round_ in range(20):
+                ids = [f"w{round_}_{i}" for i in range(50)]
+                await asyncio.gather(*[ledger.open(_open(i, key.id, 1)) for i in ids])
+                await asyncio.gather(*[ledger.close(_close(i, key.id, 1, 1)) for i in ids])
+            await asyncio.sleep(0.2)
+            assert checkpointer.checkpoints > 0
+            await ledger.stop()
+            assert path.with_name("ledger.db-wal").stat().st_size == 0  # truncated at stop
+        finally:
+            await ledger.stop()
+            await db.close()
+        check = Database(f"sqlite:///{path}")
+        try:
+            record = await KeyStore(check, KeyHasher("s"), cache_seconds=0).get(key.id)
+            assert (record.spent_nanos, record.reserved_nanos) == (1000, 0)
+        finally:
+            await check.close()
+
+    asyncio.run(go())

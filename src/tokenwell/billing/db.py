@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,50 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_ledger_pragmas(dbapi_conn: Any, record: Any) -> None:
+    _sqlite_pragmas(dbapi_conn, record)
+    # The ledger's commits never checkpoint the WAL themselves (a checkpoint
+    # writes and fsyncs megabytes, and every admission waiting on that commit
+    # would wait for it too): a Checkpointer thread does it in the background.
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA wal_autocheckpoint=0")
+    cursor.close()
+
+
+class Checkpointer:
+    """SQLite WAL checkpoints on a thread of their own, off the commit path."""
+
+    def __init__(self, db: Database, interval: float = 1.0) -> None:
+        self.db = db
+        self.interval = interval
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        with self.db.sync_engine.connect() as conn:
+            while not self._stop.wait(self.interval):
+                self._checkpoint(conn, "PASSIVE")
+            self._checkpoint(conn, "TRUNCATE")  # leave a small WAL behind
+
+    def _checkpoint(self, conn: Connection, mode: str) -> None:
+        try:
+            conn.exec_driver_sql(f"PRAGMA wal_checkpoint({mode})").all()
+            self.checkpoints += 1
+        except Exception as exc:  # busy or I/O: the next round tries again
+            log.warning("SQLite checkpoint failed: %s", exc)
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -140,7 +185,7 @@ class Database:
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(str(make_url(url).set(drivername="sqlite")))
-            event.listen(self.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.sync_engine, "connect", _sqlite_ledger_pragmas)
         else:
             self.sync_engine = create_engine(
                 make_url(url)

@@ -33,7 +33,7 @@ import orjson
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from tokenwell.billing import pgbatch
-from tokenwell.billing.db import Database, api_keys, requests
+from tokenwell.billing.db import Checkpointer, Database, api_keys, requests
 from tokenwell.billing.keys import MASTER_ID
 
 log = logging.getLogger(__name__)
@@ -360,9 +360,12 @@ class Ledger:
         # PostgreSQL, an autocommit one for single-statement batches.
         self._conn: Connection | None = None
         self._auto: Connection | None = None
+        self._checkpointer = Checkpointer(db) if db.dialect == "sqlite" else None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     async def stop(self) -> None:
         """Commit everything queued, then stop."""
@@ -378,6 +381,8 @@ class Ledger:
         self._task = None
         await asyncio.get_running_loop().run_in_executor(self._thread, self._close_connection)
         self._thread.shutdown(wait=True)
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
 
     def stats(self) -> dict[str, float]:
         return {
