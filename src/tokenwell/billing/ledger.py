@@ -584,7 +584,7 @@ class Ledger:
         results: dict[int, Any] = {}
         if closes:
             todo = _first_closes(closes, results)
-            params = pgbatch.close_params([row.params() for row in todo], k_id=key)
+            params = pgbatch.rows_param([row.params() for row in todo], k_id=key)
             statement = pgbatch.CLOSE_AND_SPEND if key is not None else pgbatch.CLOSE
             closed = set(auto.exec_driver_sql(statement, params).scalars())
             for row in todo:
@@ -594,10 +594,10 @@ class Ledger:
             values = [row.values() for row in opens]
             checked = [r for r in opens if r.status == "open" and r.check_key and r.key_id == key]
             if not checked:
-                auto.exec_driver_sql(pgbatch.OPEN, pgbatch.open_params(values))
+                auto.exec_driver_sql(pgbatch.OPEN, pgbatch.rows_param(values))
                 inserted = len(opens)
             else:
-                params = pgbatch.open_params(
+                params = pgbatch.rows_param(
                     values,
                     k_id=key,
                     k_now=time.time(),
@@ -661,7 +661,7 @@ class Ledger:
         if not opens:
             return
         if self.db.dialect == "postgresql":
-            conn.exec_driver_sql(pgbatch.OPEN, pgbatch.open_params([r.values() for r in opens]))
+            conn.exec_driver_sql(pgbatch.OPEN, pgbatch.rows_param([r.values() for r in opens]))
         else:
             self._executemany(conn, _OPEN, [row.values() for row in opens])
 
@@ -696,7 +696,7 @@ class Ledger:
         """Close those of ``rows`` still open; the ids this closed."""
         params = [row.params() for row in rows]
         if self.db.dialect == "postgresql":
-            return set(conn.exec_driver_sql(pgbatch.CLOSE, pgbatch.close_params(params)).scalars())
+            return set(conn.exec_driver_sql(pgbatch.CLOSE, pgbatch.rows_param(params)).scalars())
         # SQLite: one writer at a time, so what this transaction reads as open
         # stays open until it commits.
         # One constant statement (the ids as one JSON array): no SQL to build
