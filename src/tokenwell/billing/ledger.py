@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
-from tokenwell.billing import pgbatch, sqlitebatch
+from tokenwell.billing import pgbatch
 from tokenwell.billing.db import Checkpointer, Database, api_keys, requests
 from tokenwell.billing.keys import MASTER_ID
 
@@ -662,9 +662,6 @@ class Ledger:
             return
         if self.db.dialect == "postgresql":
             conn.exec_driver_sql(pgbatch.OPEN, pgbatch.rows_param([r.values() for r in opens]))
-        elif sqlitebatch.AVAILABLE:
-            values = [r.values() for r in opens]
-            conn.exec_driver_sql(sqlitebatch.OPEN, sqlitebatch.rows_param(values))
         else:
             self._executemany(conn, _OPEN, [row.values() for row in opens])
 
@@ -700,11 +697,8 @@ class Ledger:
         params = [row.params() for row in rows]
         if self.db.dialect == "postgresql":
             return set(conn.exec_driver_sql(pgbatch.CLOSE, pgbatch.rows_param(params)).scalars())
-        if sqlitebatch.AVAILABLE:
-            closed = conn.exec_driver_sql(sqlitebatch.CLOSE, sqlitebatch.rows_param(params))
-            return {r[0] for r in closed}
-        # Older SQLite: one writer at a time, so what this transaction reads as
-        # open stays open until it commits.
+        # SQLite: one writer at a time, so what this transaction reads as open
+        # stays open until it commits.
         # One constant statement (the ids as one JSON array): no SQL to build
         # per batch, which through SQLAlchemy cost ~200 µs a batch.
         found = conn.exec_driver_sql(_SQLITE_STILL_OPEN, (orjson.dumps([row.id for row in rows]),))
