@@ -324,3 +324,44 @@ def test_sqlite_wal_is_checkpointed_off_the_commit_path(tmp_path: object) -> Non
             await check.close()
 
     asyncio.run(go())
+
+
+def test_batched_rows_keep_their_values_and_types(db_url: str) -> None:
+    """Rows written through the one-statement batches read back exactly."""
+
+    async def go() -> None:
+        from sqlalchemy import select
+
+        from tokenwell.billing.db import requests
+
+        db, ledger, keys = await _setup(db_url)
+        try:
+            _, key = await keys.create(KeyFields(name="t", budget_usd=1), {"name", "budget_usd"})
+            opened = OpenRow("t1", key.id, "m/x", False, True, 2, 7, 12345, "inst", user=None)
+            other = OpenRow("t2", key.id, "m", True, False, 1, 3, 5, "inst", user="ü-1")
+            await asyncio.gather(ledger.open(opened), ledger.open(other))
+            close = CloseRow(
+                "t1", key.id, "length", 7, 2, 9, 4321, 12345, estimated=True,
+                queue_ms=1.25, ttft_ms=None, total_ms=10.5, error=None,
+            )  # fmt: skip
+            assert await ledger.close(close)
+            async with db.engine.connect() as conn:
+                rows = {r.id: r for r in (await conn.execute(select(requests))).all()}
+            t1, t2 = rows["t1"], rows["t2"]
+            assert (t1.stream, t1.include_usage, t1.n, t1.model, t1.user) == (
+                False, True, 2, "m/x", None,
+            )  # fmt: skip
+            assert (t1.status, t1.prompt_tokens, t1.cached_tokens, t1.completion_tokens) == (
+                "length", 7, 2, 9,
+            )  # fmt: skip
+            assert (t1.cost_nanos, t1.reserved_nanos, t1.estimated) == (4321, 12345, True)
+            assert (t1.queue_ms, t1.ttft_ms, t1.total_ms, t1.error) == (1.25, None, 10.5, None)
+            assert t1.created_at == opened.created_at and t1.closed_at == close.closed_at
+            assert (t2.status, t2.user, t2.stream, t2.estimated) == ("open", "ü-1", True, False)
+            record = await keys.get(key.id)
+            assert (record.spent_nanos, record.reserved_nanos) == (4321, 5)
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())
