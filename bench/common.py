@@ -89,12 +89,20 @@ class Process:
                 self.proc.wait(10)
 
 
-def tokenwell(config: str, port: int | None = None, env: dict[str, str] | None = None) -> Process:
+def tokenwell(
+    config: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    cpus: set[int] | None = None,
+) -> Process:
+    """tokenwell in a subprocess; ``cpus``: the only CPUs it may run on."""
     work = Path(tempfile.mkdtemp(prefix="tw-bench-"))
     (work / "config.toml").write_text(config)
     port = port or free_port()
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
     return Process(
         [
+            *pin,
             sys.executable,
             "-m",
             "tokenwell",

@@ -7,7 +7,12 @@ with budget reservation, journal, settlement), and with full metering on
 PostgreSQL. Runs alternate (off, sqlite, postgresql, off, …) so machine
 noise hits each alike; the overhead is 1 - metered/unmetered requests/s.
 
-    ./dev bench metering [--seconds 10] [--rounds 2] [--concurrency 64]
+    ./dev bench metering [--seconds 10] [--rounds 2] [--concurrency 64] [--pin]
+
+``--pin`` runs the server on CPU 0 and the load generator on CPU 1 (the
+ledger thread and PostgreSQL share them as the scheduler sees fit): the
+scheduler can then no longer put the server and its client on one core,
+which is much of this machine's run-to-run spread.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import statistics
 
@@ -46,7 +52,9 @@ def measure(kind: str, args: argparse.Namespace, pg_db: str) -> dict[str, float]
     if kind == "postgresql":
         env["TOKENWELL_DATABASE_URL"] = f"postgresql://postgres@127.0.0.1:5432/{pg_db}"
     server = tokenwell(
-        SCRIPTED.format(metering="metering = false" if kind == "off" else ""), env=env
+        SCRIPTED.format(metering="metering = false" if kind == "off" else ""),
+        env=env,
+        cpus={0} if args.pin else None,
     ).wait()
     try:
         key = MASTER
@@ -125,7 +133,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--pin", action="store_true", help="server on CPU 0, client on CPU 1")
     args = parser.parse_args()
+    if args.pin:
+        os.sched_setaffinity(0, {1})
     pg_db = "tw_bench_" + secrets.token_hex(4)
     _pg(f"CREATE DATABASE {pg_db}")
     runs: dict[str, list[dict[str, float]]] = {"off": [], "sqlite": [], "postgresql": []}
@@ -141,6 +152,7 @@ def main() -> None:
         "concurrency": args.concurrency,
         "chunks_per_response": 64,
         "rounds": args.rounds,
+        "pinned": args.pin,
         "requests_per_s": rps,
         "overhead_sqlite": round(1 - rps["sqlite"] / rps["off"], 3),
         "overhead_postgresql": round(1 - rps["postgresql"] / rps["off"], 3),
