@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 MASTER = "sk-bench-master"
@@ -36,6 +37,15 @@ PROMPTS = [
     "Write a long dialogue between two old friends.",
 ]
 NO_EOS = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>
+
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pg(sql: str) -> None:
+    """Run one statement on the local PostgreSQL (CREATE / DROP DATABASE)."""
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(sql)  # type: ignore[arg-type]
 
 
 def free_port() -> int:

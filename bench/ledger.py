@@ -17,15 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import psycopg
-
-from bench.common import cpu_seconds_of
+from bench.common import cpu_seconds_of, pg
 from tokenwell.billing.accounting import new_request_id
 from tokenwell.billing.db import Database
 from tokenwell.billing.keys import KeyFields, KeyHasher, KeyStore
 from tokenwell.billing.ledger import CloseRow, Ledger, OpenRow
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 async def measure(url: str, batch: int, rounds: int) -> dict[str, float]:
@@ -72,8 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     sqlite = f"sqlite:///{Path(tempfile.mkdtemp(prefix='tw-ledger-')) / 'ledger.db'}"
     name = "tw_bench_" + secrets.token_hex(4)
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
+    pg(f"CREATE DATABASE {name}")
     try:
         for label, url in (
             ("sqlite", sqlite),
@@ -82,8 +77,7 @@ def main() -> None:
             result = asyncio.run(measure(url, args.batch, args.rounds))
             print(json.dumps({"database": label, "batch": args.batch, **result}), flush=True)
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[arg-type]
+        pg(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 if __name__ == "__main__":

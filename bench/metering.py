@@ -25,9 +25,8 @@ import secrets
 import statistics
 
 import httpx
-import psycopg
 
-from bench.common import MASTER, cpu_seconds, cpu_seconds_of, tokenwell
+from bench.common import MASTER, cpu_seconds, cpu_seconds_of, pg, tokenwell
 from bench.load import run_load
 
 SCRIPTED = """
@@ -38,13 +37,6 @@ engine = "scripted"
 reply_tokens = 64
 price = {{ prompt = 1.0, completion = 2.0 }}
 """
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-def _pg(sql: str) -> None:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(sql)  # type: ignore[arg-type]
 
 
 def measure(kind: str, args: argparse.Namespace, pg_db: str) -> dict[str, float]:
@@ -138,7 +130,7 @@ def main() -> None:
     if args.pin:
         os.sched_setaffinity(0, {1})
     pg_db = "tw_bench_" + secrets.token_hex(4)
-    _pg(f"CREATE DATABASE {pg_db}")
+    pg(f"CREATE DATABASE {pg_db}")
     runs: dict[str, list[dict[str, float]]] = {"off": [], "sqlite": [], "postgresql": []}
     try:
         for _ in range(args.rounds):
@@ -146,7 +138,7 @@ def main() -> None:
                 runs[kind].append(measure(kind, args, pg_db))
                 print(kind, json.dumps(runs[kind][-1]), flush=True)
     finally:
-        _pg(f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)")
+        pg(f"DROP DATABASE IF EXISTS {pg_db} WITH (FORCE)")
     rps = {k: statistics.median(r["requests_per_s"] for r in v) for k, v in runs.items()}
     result: dict[str, object] = {
         "concurrency": args.concurrency,

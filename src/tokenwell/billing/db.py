@@ -99,6 +99,43 @@ requests = Table(
 )
 
 
+# What a ledger row's open writes (``OpenRow.values()``); the other columns
+# keep their defaults until the close.
+OPEN_COLUMNS = (
+    "id",
+    "key_id",
+    "model",
+    "stream",
+    "include_usage",
+    "n",
+    "status",
+    "prompt_tokens",
+    "reserved_nanos",
+    "created_at",
+    "day",
+    "instance",
+    "user",
+    "closed_at",
+    "error",
+)
+# What its close writes: (parameter of ``CloseRow.params()``, column). The
+# parameters are prefixed: a bound parameter may not share its column's name
+# in an UPDATE.
+CLOSE_COLUMNS = (
+    ("r_status", "status"),
+    ("r_prompt", "prompt_tokens"),
+    ("r_cached", "cached_tokens"),
+    ("r_completion", "completion_tokens"),
+    ("r_cost", "cost_nanos"),
+    ("r_estimated", "estimated"),
+    ("r_queue", "queue_ms"),
+    ("r_ttft", "ttft_ms"),
+    ("r_total", "total_ms"),
+    ("r_closed", "closed_at"),
+    ("r_error", "error"),
+)
+
+
 def async_url(url: str) -> str:
     parsed = make_url(url)
     backend = parsed.get_backend_name()

@@ -33,7 +33,14 @@ import orjson
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
 
 from tokenwell.billing import pgbatch
-from tokenwell.billing.db import Checkpointer, Database, api_keys, requests
+from tokenwell.billing.db import (
+    CLOSE_COLUMNS,
+    OPEN_COLUMNS,
+    Checkpointer,
+    Database,
+    api_keys,
+    requests,
+)
 from tokenwell.billing.keys import MASTER_ID
 
 log = logging.getLogger(__name__)
@@ -180,44 +187,11 @@ _LOCK_KEYS = (
     .order_by(_k.id)
     .with_for_update()
 )
-_OPEN = insert(requests).values(
-    {
-        name: bindparam(name)
-        for name in (
-            "id",
-            "key_id",
-            "model",
-            "stream",
-            "include_usage",
-            "n",
-            "status",
-            "prompt_tokens",
-            "reserved_nanos",
-            "created_at",
-            "day",
-            "instance",
-            "user",
-            "closed_at",
-            "error",
-        )
-    }
-)
+_OPEN = insert(requests).values({name: bindparam(name) for name in OPEN_COLUMNS})
 _CLOSE = (
     update(requests)
     .where(requests.c.id == bindparam("r_id"), requests.c.status == bindparam("r_open"))
-    .values(
-        status=bindparam("r_status"),
-        prompt_tokens=bindparam("r_prompt"),
-        cached_tokens=bindparam("r_cached"),
-        completion_tokens=bindparam("r_completion"),
-        cost_nanos=bindparam("r_cost"),
-        estimated=bindparam("r_estimated"),
-        queue_ms=bindparam("r_queue"),
-        ttft_ms=bindparam("r_ttft"),
-        total_ms=bindparam("r_total"),
-        closed_at=bindparam("r_closed"),
-        error=bindparam("r_error"),
-    )
+    .values({column: bindparam(param) for param, column in CLOSE_COLUMNS})
 )
 
 
@@ -253,17 +227,6 @@ def _unused(row: OpenRow) -> CloseRow:
         reserved_nanos=row.reserved_nanos,
         error="the request was cancelled before it started",
     )
-
-
-class _Discard:
-    """A stand-in for a future nobody awaits."""
-
-    @staticmethod
-    def done() -> bool:
-        return True
-
-
-_DISCARD: Any = _Discard()
 
 
 _SQLITE_STILL_OPEN = (
@@ -495,7 +458,7 @@ class Ledger:
                         op.future.set_result(result)
                     elif type(op.row) is OpenRow and op.row.abandoned and _admitted(op.row, result):
                         # Its caller was cancelled while it waited.
-                        self._file(_Op(_unused(op.row), _DISCARD), opens, closes, markers)
+                        self._enqueue(_unused(op.row))
                 del opens[: len(take)]
                 del closes[: len(batch) - len(take)]
             if markers and not opens and not closes:

@@ -25,28 +25,11 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from sqlalchemy.dialects import postgresql
 
-# OpenRow.values() names: the columns an open row sets (the rest take their defaults).
-_OPEN_COLUMNS = ", ".join(
-    f'"{name}"'
-    for name in (
-        "id",
-        "key_id",
-        "model",
-        "stream",
-        "include_usage",
-        "n",
-        "status",
-        "prompt_tokens",
-        "reserved_nanos",
-        "created_at",
-        "day",
-        "instance",
-        "user",
-        "closed_at",
-        "error",
-    )
-)
+from tokenwell.billing.db import CLOSE_COLUMNS, OPEN_COLUMNS, requests
+
+_OPEN_COLUMNS = ", ".join(f'"{name}"' for name in OPEN_COLUMNS)
 _INSERT = (
     f"INSERT INTO requests ({_OPEN_COLUMNS}) SELECT {_OPEN_COLUMNS} "
     "FROM json_populate_recordset(NULL::requests, %(rows)s::json)"
@@ -63,29 +46,20 @@ RESERVE_AND_OPEN = (
     " RETURNING id) " + _INSERT + " WHERE EXISTS (SELECT 1 FROM reserved)"
 )
 
-# CloseRow.params() names → the column each sets, and its type (r_reserved is
-# only read, for the spend).
-_CLOSE_COLUMNS = (
-    ("r_id", None, "text"),
-    ("r_status", "status", "text"),
-    ("r_prompt", "prompt_tokens", "integer"),
-    ("r_cached", "cached_tokens", "integer"),
-    ("r_completion", "completion_tokens", "integer"),
-    ("r_cost", "cost_nanos", "bigint"),
-    ("r_estimated", "estimated", "boolean"),
-    ("r_queue", "queue_ms", "float8"),
-    ("r_ttft", "ttft_ms", "float8"),
-    ("r_total", "total_ms", "float8"),
-    ("r_closed", "closed_at", "float8"),
-    ("r_error", "error", "text"),
-    ("r_reserved", None, "bigint"),
-)
+
+def _type(column: str) -> str:
+    return str(requests.c[column].type.compile(dialect=postgresql.dialect()))
+
+
+# The close's parameters: the row's id, what it sets, and what it had reserved
+# (only read, for the spend).
+_CLOSE_PARAMS = (("r_id", "id"), *CLOSE_COLUMNS, ("r_reserved", "reserved_nanos"))
 _CLOSED = (
     "UPDATE requests AS r SET {} FROM json_to_recordset(%(rows)s::json) AS v({}) "
     "WHERE r.id = v.r_id AND r.status = 'open' RETURNING r.id, v.r_cost, v.r_reserved"
 ).format(
-    ", ".join(f"{column} = v.{name}" for name, column, _ in _CLOSE_COLUMNS if column),
-    ", ".join(f"{name} {kind}" for name, _, kind in _CLOSE_COLUMNS),
+    ", ".join(f"{column} = v.{param}" for param, column in CLOSE_COLUMNS),
+    ", ".join(f"{param} {_type(column)}" for param, column in _CLOSE_PARAMS),
 )
 
 CLOSE = f"WITH closed AS ({_CLOSED}) SELECT id FROM closed"
