@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tokenwell import interpreter
 from tokenwell.config import Settings, load_settings
 from tokenwell.errors import APIError, ConfigError
 
@@ -68,10 +69,7 @@ def serve(
     from tokenwell.server.app import create_app
 
     settings = _settings(config_path, host=host, port=port, data_dir=data_dir)
-    # The event loop shares the GIL with the engine's decode thread and the
-    # ledger's commit thread; each needs it back promptly after C calls that
-    # release it, and CPython's default hand-off is 5 ms.
-    sys.setswitchinterval(settings.gil_switch_ms / 1000)
+    interpreter.tune(settings)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -94,6 +92,7 @@ def serve(
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started:
+            interpreter.started(settings)
             _welcome(app, settings, config_path, data_dir)
         await task
 

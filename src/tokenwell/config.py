@@ -98,6 +98,11 @@ class Settings(BaseModel):
     metering: bool = True
     # How long a thread may hold the GIL while another waits (CPython: 5 ms).
     gil_switch_ms: float = Field(default=5.0, gt=0, le=100)
+    # Garbage collection (see tokenwell.interpreter): the youngest generation's
+    # threshold (0 keeps CPython's 700), and whether what start-up built is
+    # frozen out of later collections.
+    gc_threshold: int = Field(default=10_000, ge=0)
+    gc_freeze: bool = True
     log_level: str = "info"
     # The operator's content policy (off when absent); see tokenwell.moderation.
     content_filter: ContentPolicyConfig | None = None

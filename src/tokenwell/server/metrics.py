@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -54,9 +62,24 @@ class _LedgerStats(Collector):
         )
 
 
+class _FrozenObjects(Collector):
+    """Objects left out of garbage collection (``gc.freeze()``, see tokenwell.interpreter)."""
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        yield GaugeMetricFamily(
+            "tokenwell_gc_frozen_objects",
+            "Objects frozen out of garbage collection after start-up",
+            value=gc.get_freeze_count(),
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # The process's CPU, memory and garbage collections, beside tokenwell's own.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_FrozenObjects())
         self.requests = Counter(
             "tokenwell_requests",
             "Chat completion requests by final status",
