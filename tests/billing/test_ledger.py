@@ -365,3 +365,58 @@ def test_batched_rows_keep_their_values_and_types(db_url: str) -> None:
             await db.close()
 
     asyncio.run(go())
+
+
+def test_a_lost_postgresql_connection_loses_no_close_and_admits_again(pg_url: str) -> None:
+    """The server ends the ledger's connections between commits (a restart, a
+    failover): an open then fails cleanly (its request gets a 503, nothing is
+    written), a close is retried until it commits, once, and the ledger
+    reconnects for what comes next."""
+    import psycopg
+    import pytest
+
+    from tokenwell.billing.ledger import LedgerUnavailable
+
+    def terminate_ledger_connections() -> int:
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            rows = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return len(rows)
+
+    async def go() -> None:
+        db, ledger, keys = await _setup(pg_url)
+        try:
+            _, key = await keys.create(KeyFields(name="a", budget_usd=1), {"name", "budget_usd"})
+            opened = await asyncio.gather(
+                *[ledger.open(_open(f"p{i}", key.id, 100)) for i in range(3)]
+            )
+            assert all(x.ok for x in opened)
+            assert terminate_ledger_connections() >= 1
+            with pytest.raises(LedgerUnavailable):
+                await ledger.open(_open("refused", key.id, 100))
+            # Reconnected: the closes commit, each once.
+            closed = await asyncio.wait_for(
+                asyncio.gather(*[ledger.close(_close(f"p{i}", key.id, 40, 100)) for i in range(2)]),
+                timeout=30,
+            )
+            assert closed == [True, True]
+            # Lost again, now under a close: retried until it commits.
+            assert terminate_ledger_connections() >= 1
+            assert await asyncio.wait_for(ledger.close(_close("p2", key.id, 40, 100)), timeout=30)
+            assert (await ledger.open(_open("after", key.id, 100))).ok
+            assert await ledger.close(_close("after", key.id, 40, 100))
+            after = await keys.get(key.id)
+            assert (after.spent_nanos, after.reserved_nanos) == (160, 0)
+            assert await ledger.open_rows("inst") == []
+            async with db.engine.connect() as conn:
+                from sqlalchemy import text
+
+                ids = (await conn.execute(text("SELECT id FROM requests ORDER BY id"))).scalars()
+                assert sorted(ids) == ["after", "p0", "p1", "p2"]  # nothing of the refused open
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())

@@ -36,7 +36,7 @@ from sqlalchemy import (
     false,
     text,
 )
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tokenwell.errors import ConfigError
@@ -187,6 +187,7 @@ class Checkpointer:
             self._thread = None
 
     def _run(self) -> None:
+        assert self.db.sync_engine is not None  # SQLite's
         with self.db.sync_engine.connect() as conn:
             while not self._stop.wait(self.interval):
                 self._checkpoint(conn, "PASSIVE")
@@ -217,24 +218,19 @@ class Database:
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
-        # Ledger writes go through a plain (sync) engine on the ledger's own
-        # thread (see Ledger._commit); the same driver serves both engines.
+        # SQLite's ledger writes go through a plain (sync) engine on the
+        # ledger's own thread, and its checkpoints on another (see
+        # Ledger._commit); PostgreSQL's through the async engine.
+        self.sync_engine: Engine | None = None
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(str(make_url(url).set(drivername="sqlite")))
             event.listen(self.sync_engine, "connect", _sqlite_ledger_pragmas)
-        else:
-            self.sync_engine = create_engine(
-                make_url(url)
-                .set(drivername="postgresql+psycopg")
-                .render_as_string(hide_password=False),
-                pool_size=2,
-                pool_pre_ping=True,
-            )
 
     async def close(self) -> None:
         await self.engine.dispose()
-        self.sync_engine.dispose()
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
 
     async def migrate(self) -> None:
         """Bring the schema to the newest revision (safe with several processes)."""

@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokenwell.billing import pgbatch
 from tokenwell.billing.db import (
@@ -311,7 +312,7 @@ class Ledger:
         self.close_max_wait = close_max_wait
         self._inbox = _Inbox()
         self._task: asyncio.Task[None] | None = None
-        # Commits run on a thread of the ledger's own (see _commit).
+        # SQLite commits run on a thread of the ledger's own (see _commit).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self.batches = 0
         self.rows = 0
@@ -319,10 +320,11 @@ class Ledger:
         self._compiled: dict[
             tuple[int, str], tuple[str, Callable[[Any], tuple[Any, ...]] | None]
         ] = {}
-        # Used on the ledger thread only: a transactional connection and, on
-        # PostgreSQL, an autocommit one for single-statement batches.
+        # SQLite: the ledger thread's connection. PostgreSQL: a transactional
+        # connection and an autocommit one (single-statement batches), both
+        # on the event loop.
         self._conn: Connection | None = None
-        self._auto: Connection | None = None
+        self._pg: tuple[AsyncConnection, AsyncConnection] | None = None
         self._checkpointer = Checkpointer(db) if db.dialect == "sqlite" else None
 
     async def start(self) -> None:
@@ -344,6 +346,7 @@ class Ledger:
         self._task = None
         await asyncio.get_running_loop().run_in_executor(self._thread, self._close_connection)
         self._thread.shutdown(wait=True)
+        await self._close_postgresql()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
 
@@ -478,17 +481,25 @@ class Ledger:
             closes.append(op)
 
     async def _commit(self, batch: list[_Op]) -> list[Any]:
-        """Run one batch as one transaction, whole, on the ledger's own thread.
+        """Run one batch, whole: atomically, or (PostgreSQL, one key) as two
+        atomic statements (see ``_commit_one_key``).
 
-        One hand-off per batch instead of one per statement, and the event
-        loop, which serves every stream, does none of the SQL work (measured
-        here: PostgreSQL's metering overhead went from ~21% to ~17% when its
-        batches moved off the loop; see bench/RESULTS.md).
+        SQLite's commits run on the ledger's own thread (sqlite3 blocks), one
+        hand-off per batch. PostgreSQL's run on the event loop, through the
+        async driver: the same code, its waits for the server awaited. On a
+        thread they waited for the GIL and for a core after every wait on the
+        server while the loop streamed tokens — measured at 64 streams, an
+        open's commit took ~8 ms from queue to result on the thread against
+        ~1.4 ms on the loop, and metering cost 4 to 11% more requests/s
+        (bench/RESULTS.md).
         """
         if not batch:
             return []
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._thread, self._commit_in_thread, batch)
+        if self.db.dialect == "postgresql":
+            results = await self._commit_postgresql(batch)
+        else:
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(self._thread, self._commit_in_thread, batch)
         self.batches += 1
         self.rows += len(batch)
         return results
@@ -496,39 +507,65 @@ class Ledger:
     def _commit_in_thread(self, batch: list[_Op]) -> list[Any]:
         started = time.thread_time()
         try:
-            if self.db.dialect == "postgresql":
-                done = self._commit_one_key(batch)
-                if done is not None:
-                    return done
-            conn = self._connection()
-            with conn.begin():
-                return self._commit_sync(conn, batch)
+            if self._conn is None or self._conn.closed:
+                # Kept open on this thread for the ledger's life.
+                assert self.db.sync_engine is not None  # SQLite's
+                self._conn = self.db.sync_engine.connect()
+            with self._conn.begin():
+                return self._commit_sync(self._conn, batch)
         except Exception:
             self._close_connection()
             raise
         finally:
             self.thread_seconds += time.thread_time() - started
 
-    def _connection(self) -> Connection:
-        # Kept open on this thread for the ledger's life.
-        if self._conn is None or self._conn.closed:
-            self._conn = self.db.sync_engine.connect()
-        return self._conn
-
-    def _autocommit(self) -> Connection:
-        if self._auto is None or self._auto.closed:
-            self._auto = self.db.sync_engine.connect().execution_options(
-                isolation_level="AUTOCOMMIT"
-            )
-        return self._auto
-
     def _close_connection(self) -> None:
-        for conn in (self._conn, self._auto):
-            if conn is not None:
-                conn.close()
-        self._conn = self._auto = None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
-    def _commit_one_key(self, batch: list[_Op]) -> list[Any] | None:
+    async def _commit_postgresql(self, batch: list[_Op]) -> list[Any]:
+        try:
+            if self._pg is None:
+                self._pg = await self._connect_postgresql()
+            conn, auto = self._pg
+            # run_sync: SQLAlchemy runs the code in a greenlet, and every wait
+            # on the server is an await on this loop.
+            return await auto.run_sync(self._commit_postgresql_sync, conn.sync_connection, batch)
+        except Exception:
+            await self._close_postgresql()
+            raise
+
+    def _commit_postgresql_sync(
+        self, auto: Connection, conn: Connection | None, batch: list[_Op]
+    ) -> list[Any]:
+        assert conn is not None
+        done = self._commit_one_key(auto, conn, batch)
+        if done is None:
+            with conn.begin():
+                done = self._commit_sync(conn, batch)
+        return done
+
+    async def _connect_postgresql(self) -> tuple[AsyncConnection, AsyncConnection]:
+        """Two connections, kept for the ledger's life (or until one fails)."""
+        conn = await self.db.engine.connect()
+        try:
+            auto = await self.db.engine.connect()
+            await auto.execution_options(isolation_level="AUTOCOMMIT")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn, auto
+
+    async def _close_postgresql(self) -> None:
+        pg, self._pg = self._pg, None
+        for conn in pg or ():
+            with contextlib.suppress(Exception):  # it may be the broken one
+                await conn.close()
+
+    def _commit_one_key(
+        self, auto: Connection, conn: Connection, batch: list[_Op]
+    ) -> list[Any] | None:
         """PostgreSQL, a batch whose rows all belong to one key: one statement each
         for its closes and its opens, in autocommit (see ``pgbatch``).
 
@@ -543,7 +580,6 @@ class Ledger:
         if len(keys) > 1:
             return None
         key = next(iter(keys), None)
-        auto = self._autocommit()
         results: dict[int, Any] = {}
         if closes:
             todo = _first_closes(closes, results)
@@ -571,7 +607,6 @@ class Ledger:
                 for row in opens:
                     results[id(row)] = Admission(True)
             else:  # the budget does not cover them all (or the key is gone): row by row
-                conn = self._connection()
                 with conn.begin():
                     self._open_rows(conn, opens, results)
         return [results[id(op.row)] for op in batch]
