@@ -1,7 +1,7 @@
 """The ledger alone: CPU per request of its writes, SQLite and PostgreSQL.
 
 Each round opens ``--batch`` rows on one key (they commit as one batch),
-then closes them (another); the ledger thread's CPU, the whole process's
+then closes them (another); the CPU of SQLite's commits, the whole process's
 and the postgres backends' are divided by the requests.
 
     ./dev bench ledger [--batch 32] [--rounds 200]
@@ -45,13 +45,13 @@ async def measure(url: str, batch: int, rounds: int) -> dict[str, float]:
 
         for _ in range(10):  # warm-up
             await one_round()
-        pg, thread = cpu_seconds_of("postgres"), ledger.thread_seconds
+        pg, commits = cpu_seconds_of("postgres"), ledger.thread_seconds
         process, wall = time.process_time(), time.perf_counter()
         for _ in range(rounds):
             await one_round()
         n = rounds * batch
         return {
-            "ledger_thread_us_per_request": round((ledger.thread_seconds - thread) / n * 1e6, 1),
+            "sqlite_commit_us_per_request": round((ledger.thread_seconds - commits) / n * 1e6, 1),
             "process_us_per_request": round((time.process_time() - process) / n * 1e6, 1),
             "postgres_us_per_request": round((cpu_seconds_of("postgres") - pg) / n * 1e6, 1),
             "wall_us_per_request": round((time.perf_counter() - wall) / n * 1e6, 1),

@@ -420,3 +420,45 @@ def test_a_lost_postgresql_connection_loses_no_close_and_admits_again(pg_url: st
             await db.close()
 
     asyncio.run(go())
+
+
+def test_sqlite_commits_locked_by_another_writer_wait_off_the_event_loop(tmp_path: object) -> None:
+    """SQLite batches commit on the event loop, and never wait there for a lock:
+    while another process's writer (the CLI, say) holds the database, the batch
+    waits on the ledger's thread, the loop keeps serving, and it commits once
+    the lock is released."""
+    import sqlite3
+    import time
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "ledger.db"
+
+    async def go() -> None:
+        db, ledger, keys = await _setup(f"sqlite:///{path}")
+        try:
+            _, key = await keys.create(KeyFields(name="w", budget_usd=1), {"name", "budget_usd"})
+            assert (await ledger.open(_open("free", key.id, 100))).ok
+            assert ledger.lock_waits == 0  # committed on the loop
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock
+            held = time.monotonic()
+            opening = asyncio.create_task(ledger.open(_open("locked", key.id, 100)))
+            ticks = 0
+            while time.monotonic() - held < 0.5:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not opening.done()  # still waiting for the lock...
+            assert ticks >= 20  # ...but not on the event loop
+            other.execute("COMMIT")
+            other.close()
+            assert (await asyncio.wait_for(opening, timeout=10)).ok
+            assert ledger.lock_waits == 1
+            assert await ledger.close(_close("locked", key.id, 40, 100))
+            assert await ledger.close(_close("free", key.id, 40, 100))
+            after = await keys.get(key.id)
+            assert (after.spent_nanos, after.reserved_nanos) == (80, 0)
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Connection, bindparam, insert, or_, select, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokenwell.billing import pgbatch
@@ -86,8 +88,6 @@ class OpenRow:
     # Write the row already closed with this status (a rejected request).
     status: str = "open"
     error: str | None = None
-    # Its caller stopped waiting for the commit: close it unused once it commits.
-    abandoned: bool = False
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -235,6 +235,12 @@ _SQLITE_STILL_OPEN = (
 )
 
 
+def _busy(exc: OperationalError) -> bool:
+    """SQLite said another connection holds the lock (SQLITE_BUSY)."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
 class LedgerUnavailable(Exception):
     """The database did not take the write."""
 
@@ -312,17 +318,21 @@ class Ledger:
         self.close_max_wait = close_max_wait
         self._inbox = _Inbox()
         self._task: asyncio.Task[None] | None = None
-        # SQLite commits run on a thread of the ledger's own (see _commit).
+        # SQLite commits that find the database locked wait on a thread of the
+        # ledger's own (see _commit).
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self.batches = 0
         self.rows = 0
-        self.thread_seconds = 0.0  # CPU time of SQLite commits on the ledger thread
+        self.thread_seconds = 0.0  # CPU time of SQLite commits
+        self.lock_waits = 0  # SQLite commits that waited for another writer
         self._compiled: dict[
             tuple[int, str], tuple[str, Callable[[Any], tuple[Any, ...]] | None]
         ] = {}
-        # SQLite: the ledger thread's connection. PostgreSQL: a transactional
+        # SQLite: a connection on the event loop that never waits for a lock,
+        # and the ledger thread's, which does. PostgreSQL: a transactional
         # connection and an autocommit one (single-statement batches), both
         # on the event loop.
+        self._here: Connection | None = None
         self._conn: Connection | None = None
         self._pg: tuple[AsyncConnection, AsyncConnection] | None = None
         self._checkpointer = Checkpointer(db) if db.dialect == "sqlite" else None
@@ -346,6 +356,7 @@ class Ledger:
         self._task = None
         await asyncio.get_running_loop().run_in_executor(self._thread, self._close_connection)
         self._thread.shutdown(wait=True)
+        self._close_here()
         await self._close_postgresql()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
@@ -356,23 +367,23 @@ class Ledger:
             "rows": self.rows,
             "queued": len(self._inbox),
             "thread_seconds": self.thread_seconds,
+            "lock_waits": self.lock_waits,
         }
 
     async def open(self, row: OpenRow) -> Admission:
         """Write the row (write-ahead) and reserve on its key; waits for the commit.
 
         A caller cancelled while it waits gets no request, so its row, if it
-        was admitted, is closed at once, unused: nothing stays reserved.
+        was admitted, is closed at once, unused: nothing stays reserved. Its
+        future is cancelled with it (the writer then closes the row once it
+        commits), unless it already held the admission (then this does).
         """
         future = self._enqueue(row)
         try:
             return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                if _admitted(row, future.result()):
-                    self._enqueue(_unused(row))
-            else:
-                row.abandoned = True  # the writer closes it once it commits
+            if not future.cancel() and not future.cancelled() and _admitted(row, future.result()):
+                self._enqueue(_unused(row))
             raise
 
     async def close(self, row: CloseRow) -> bool:
@@ -459,8 +470,12 @@ class Ledger:
                         op.row.on_commit()
                     if not op.future.done():
                         op.future.set_result(result)
-                    elif type(op.row) is OpenRow and op.row.abandoned and _admitted(op.row, result):
-                        # Its caller was cancelled while it waited.
+                    elif (
+                        type(op.row) is OpenRow
+                        and op.future.cancelled()
+                        and _admitted(op.row, result)
+                    ):
+                        # Its caller was cancelled while it waited (see open).
                         self._enqueue(_unused(op.row))
                 del opens[: len(take)]
                 del closes[: len(batch) - len(take)]
@@ -484,22 +499,32 @@ class Ledger:
         """Run one batch, whole: atomically, or (PostgreSQL, one key) as two
         atomic statements (see ``_commit_one_key``).
 
-        SQLite's commits run on the ledger's own thread (sqlite3 blocks), one
-        hand-off per batch. PostgreSQL's run on the event loop, through the
-        async driver: the same code, its waits for the server awaited. On a
-        thread they waited for the GIL and for a core after every wait on the
-        server while the loop streamed tokens — measured at 64 streams, an
-        open's commit took ~8 ms from queue to result on the thread against
-        ~1.4 ms on the loop, and metering cost 4 to 11% more requests/s
-        (bench/RESULTS.md).
+        Both run on the event loop. A thread of their own kept the loop free
+        of SQL, but after every call that released the GIL (each row of an
+        ``executemany``, each wait on PostgreSQL) it needed the GIL and a core
+        back while the loop streamed tokens: measured at 64 streams, an open
+        batch took ~8 ms from queue to result on the thread (PostgreSQL;
+        0.5 ms with the loop idle) and a SQLite close batch ~45 ms, and
+        admissions queued behind them (bench/RESULTS.md). On the loop:
+
+        - PostgreSQL through the async driver: the same code, each wait on
+          the server an await (``run_sync``).
+        - SQLite directly: a batch is ~0.4-0.7 ms of work in the library
+          (the WAL is not synced per commit, and checkpoints run on their
+          own thread). Its connection never waits for a lock: when another
+          writer (the CLI, another process) holds the database, the batch is
+          rolled back and waits on the ledger's thread instead.
         """
         if not batch:
             return []
         if self.db.dialect == "postgresql":
             results = await self._commit_postgresql(batch)
         else:
-            loop = asyncio.get_running_loop()
-            results = await loop.run_in_executor(self._thread, self._commit_in_thread, batch)
+            results = self._commit_here(batch)
+            if results is None:  # locked by another writer: wait off the loop
+                self.lock_waits += 1
+                loop = asyncio.get_running_loop()
+                results = await loop.run_in_executor(self._thread, self._commit_in_thread, batch)
         self.batches += 1
         self.rows += len(batch)
         return results
@@ -523,6 +548,35 @@ class Ledger:
         if self._conn is not None:
             self._conn.close()
         self._conn = None
+
+    def _commit_here(self, batch: list[_Op]) -> list[Any] | None:
+        """SQLite, on the event loop; None when another writer holds the lock."""
+        started = time.thread_time()
+        try:
+            if self._here is None or self._here.closed:
+                assert self.db.sync_engine is not None  # SQLite's
+                self._here = self.db.sync_engine.connect()
+                self._here.exec_driver_sql("PRAGMA busy_timeout=0")
+                self._here.commit()
+            with self._here.begin():
+                return self._commit_sync(self._here, batch)
+        except OperationalError as exc:
+            if _busy(exc):
+                return None  # rolled back: nothing of it was written
+            self._close_here()
+            raise
+        except Exception:
+            self._close_here()
+            raise
+        finally:
+            self.thread_seconds += time.thread_time() - started
+
+    def _close_here(self) -> None:
+        if self._here is not None:
+            # Not back to the pool: its busy_timeout is not the others'.
+            self._here.invalidate()
+            self._here.close()
+        self._here = None
 
     async def _commit_postgresql(self, batch: list[_Op]) -> list[Any]:
         try:

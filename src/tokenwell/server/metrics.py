@@ -57,8 +57,13 @@ class _LedgerStats(Collector):
         )
         yield CounterMetricFamily(
             "tokenwell_ledger_commit_cpu_seconds",
-            "CPU time of ledger commits on the ledger thread (SQLite)",
+            "CPU time of SQLite ledger commits",
             value=stats["thread_seconds"],
+        )
+        yield CounterMetricFamily(
+            "tokenwell_ledger_lock_waits",
+            "SQLite ledger commits that found another writer holding the database",
+            value=stats["lock_waits"],
         )
 
 
