@@ -328,12 +328,11 @@ class Ledger:
         self._compiled: dict[
             tuple[int, str], tuple[str, Callable[[Any], tuple[Any, ...]] | None]
         ] = {}
-        # SQLite: a connection on the event loop that never waits for a lock,
-        # and the ledger thread's, which does. PostgreSQL: a transactional
-        # connection and an autocommit one (single-statement batches), both
-        # on the event loop.
-        self._here: Connection | None = None
-        self._conn: Connection | None = None
+        # SQLite, by whether it waits for another writer's lock: one on the
+        # event loop that never does (False), the ledger thread's (True).
+        # PostgreSQL: a transactional connection and an autocommit one
+        # (single-statement batches), both on the event loop.
+        self._sqlite: dict[bool, Connection] = {}
         self._pg: tuple[AsyncConnection, AsyncConnection] | None = None
         self._checkpointer = Checkpointer(db) if db.dialect == "sqlite" else None
 
@@ -354,9 +353,9 @@ class Ledger:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_connection)
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._close_sqlite, True)
         self._thread.shutdown(wait=True)
-        self._close_here()
+        self._close_sqlite(False)
         await self._close_postgresql()
         if self._checkpointer is not None:
             await asyncio.to_thread(self._checkpointer.stop)
@@ -520,63 +519,45 @@ class Ledger:
         if self.db.dialect == "postgresql":
             results = await self._commit_postgresql(batch)
         else:
-            results = self._commit_here(batch)
+            results = self._commit_sqlite(batch, False)
             if results is None:  # locked by another writer: wait off the loop
                 self.lock_waits += 1
                 loop = asyncio.get_running_loop()
-                results = await loop.run_in_executor(self._thread, self._commit_in_thread, batch)
+                results = await loop.run_in_executor(self._thread, self._commit_sqlite, batch, True)
         self.batches += 1
         self.rows += len(batch)
         return results
 
-    def _commit_in_thread(self, batch: list[_Op]) -> list[Any]:
+    def _commit_sqlite(self, batch: list[_Op], wait: bool) -> list[Any] | None:
+        """One SQLite transaction for the batch. ``wait``: on the ledger's
+        thread, waiting for another writer's lock; else on the event loop, on a
+        connection that never waits (None when the database is locked: the
+        transaction rolled back, nothing of it was written)."""
         started = time.thread_time()
         try:
-            if self._conn is None or self._conn.closed:
-                # Kept open on this thread for the ledger's life.
+            conn = self._sqlite.get(wait)
+            if conn is None or conn.closed:
                 assert self.db.sync_engine is not None  # SQLite's
-                self._conn = self.db.sync_engine.connect()
-            with self._conn.begin():
-                return self._commit_sync(self._conn, batch)
-        except Exception:
-            self._close_connection()
+                conn = self._sqlite[wait] = self.db.sync_engine.connect()
+                if not wait:
+                    conn.exec_driver_sql("PRAGMA busy_timeout=0")
+                    conn.commit()
+            with conn.begin():
+                return self._commit_sync(conn, batch)
+        except Exception as exc:
+            if not wait and isinstance(exc, OperationalError) and _busy(exc):
+                return None
+            self._close_sqlite(wait)
             raise
         finally:
             self.thread_seconds += time.thread_time() - started
 
-    def _close_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-        self._conn = None
-
-    def _commit_here(self, batch: list[_Op]) -> list[Any] | None:
-        """SQLite, on the event loop; None when another writer holds the lock."""
-        started = time.thread_time()
-        try:
-            if self._here is None or self._here.closed:
-                assert self.db.sync_engine is not None  # SQLite's
-                self._here = self.db.sync_engine.connect()
-                self._here.exec_driver_sql("PRAGMA busy_timeout=0")
-                self._here.commit()
-            with self._here.begin():
-                return self._commit_sync(self._here, batch)
-        except OperationalError as exc:
-            if _busy(exc):
-                return None  # rolled back: nothing of it was written
-            self._close_here()
-            raise
-        except Exception:
-            self._close_here()
-            raise
-        finally:
-            self.thread_seconds += time.thread_time() - started
-
-    def _close_here(self) -> None:
-        if self._here is not None:
-            # Not back to the pool: its busy_timeout is not the others'.
-            self._here.invalidate()
-            self._here.close()
-        self._here = None
+    def _close_sqlite(self, wait: bool) -> None:
+        conn = self._sqlite.pop(wait, None)
+        if conn is not None:
+            if not wait:
+                conn.invalidate()  # not back to the pool: its busy_timeout is not the others'
+            conn.close()
 
     async def _commit_postgresql(self, batch: list[_Op]) -> list[Any]:
         try:
