@@ -164,6 +164,40 @@ def test_an_open_whose_caller_is_cancelled_is_closed_unused(db_url: str) -> None
     asyncio.run(go())
 
 
+def test_an_open_cancelled_as_its_commit_fails_is_just_cancelled(sqlite_url: str) -> None:
+    """The caller sees its cancellation, not the failed commit's error (the
+    request was never admitted: there is nothing to close)."""
+
+    async def go() -> None:
+        db, ledger, _ = await _setup(sqlite_url)
+        try:
+
+            async def failing(batch: object) -> list[object]:
+                raise RuntimeError("the database went away")
+
+            ledger._commit = failing  # type: ignore[method-assign,assignment]
+            enqueue = ledger._enqueue
+            task: asyncio.Task[object] | None = None
+
+            def enqueue_then_cancel(row: object) -> asyncio.Future[object]:
+                future = enqueue(row)  # type: ignore[arg-type]
+                future.add_done_callback(lambda _: task.cancel())  # type: ignore[union-attr]
+                return future
+
+            ledger._enqueue = enqueue_then_cancel  # type: ignore[method-assign]
+            task = asyncio.create_task(ledger.open(_open("gone", "key_x", 100)))
+            await asyncio.gather(task, return_exceptions=True)
+            assert task.cancelled()
+            ledger._enqueue = enqueue  # type: ignore[method-assign]
+            del ledger._commit
+            assert await ledger.open_rows("inst") == []
+        finally:
+            await ledger.stop()
+            await db.close()
+
+    asyncio.run(go())
+
+
 def test_key_lookups_are_single_flight_and_refreshed_in_the_background(db_url: str) -> None:
     async def go() -> None:
         db, ledger, _ = await _setup(db_url)

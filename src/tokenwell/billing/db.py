@@ -218,9 +218,10 @@ class Database:
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
         self.engine: AsyncEngine = create_async_engine(async_url(url), **kwargs)
-        # SQLite's ledger writes go through a plain (sync) engine on the
-        # ledger's own thread, and its checkpoints on another (see
-        # Ledger._commit); PostgreSQL's through the async engine.
+        # SQLite's ledger writes go through a plain (sync) engine, on the
+        # event loop or, while another writer holds the lock, the ledger's
+        # thread, and its checkpoints on another (see Ledger._commit);
+        # PostgreSQL's through the async engine.
         self.sync_engine: Engine | None = None
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

@@ -381,7 +381,8 @@ class Ledger:
         try:
             return await future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            if not future.cancel() and not future.cancelled() and _admitted(row, future.result()):
+            held = not future.cancel() and not future.cancelled()
+            if held and future.exception() is None and _admitted(row, future.result()):
                 self._enqueue(_unused(row))
             raise
 
