@@ -323,7 +323,7 @@ class Ledger:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="ledger")
         self.batches = 0
         self.rows = 0
-        self.thread_seconds = 0.0  # CPU time of SQLite commits
+        self.commit_cpu_seconds = 0.0  # CPU time of SQLite commits
         self.lock_waits = 0  # SQLite commits that waited for another writer
         self._compiled: dict[
             tuple[int, str], tuple[str, Callable[[Any], tuple[Any, ...]] | None]
@@ -365,7 +365,7 @@ class Ledger:
             "batches": self.batches,
             "rows": self.rows,
             "queued": len(self._inbox),
-            "thread_seconds": self.thread_seconds,
+            "commit_cpu_seconds": self.commit_cpu_seconds,
             "lock_waits": self.lock_waits,
         }
 
@@ -551,7 +551,7 @@ class Ledger:
             self._close_sqlite(wait)
             raise
         finally:
-            self.thread_seconds += time.thread_time() - started
+            self.commit_cpu_seconds += time.thread_time() - started
 
     def _close_sqlite(self, wait: bool) -> None:
         conn = self._sqlite.pop(wait, None)

@@ -58,7 +58,7 @@ class _LedgerStats(Collector):
         yield CounterMetricFamily(
             "tokenwell_ledger_commit_cpu_seconds",
             "CPU time of SQLite ledger commits",
-            value=stats["thread_seconds"],
+            value=stats["commit_cpu_seconds"],
         )
         yield CounterMetricFamily(
             "tokenwell_ledger_lock_waits",
