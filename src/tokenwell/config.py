@@ -82,6 +82,20 @@ class RedisConfig(BaseModel):
     url: str | None = None
 
 
+class IdempotencyConfig(BaseModel):
+    """``Idempotency-Key`` requests and resumable streams (server.idempotent)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # How long a key's result is remembered (replayed, and refused for another body).
+    ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    # How long generation goes on after the last connection of a keyed request dropped.
+    grace_seconds: float = Field(default=60.0, ge=0)
+    # The most a request's event log holds (in process, and in Redis); a longer
+    # response streams on, but can no longer be resumed from its start or replayed.
+    max_log_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -108,6 +122,7 @@ class Settings(BaseModel):
     content_filter: ContentPolicyConfig | None = None
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(name=DEFAULT_MODEL, engine="llamacpp")]
     )

@@ -168,10 +168,16 @@ class Accounting:
 
     # ------------------------------------------------------------------ admit
 
-    async def admit(self, key: KeyRecord, prepared: Prepared) -> Ticket:
+    async def admit(
+        self,
+        key: KeyRecord,
+        prepared: Prepared,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Ticket:
         request = prepared.request
         price = self.prices.get(request.model, _FREE)
-        request_id = new_request_id()
+        request_id = request_id or new_request_id()
         if not self.metering:
             ticket = Ticket(self, request_id, key, request.model, price, 0, 0)
             ticket.headers["x-request-id"] = request_id
@@ -209,6 +215,7 @@ class Accounting:
             price, prepared.prompt_tokens, request.n * prepared.max_completion_tokens
         )
         row = self._row(key, prepared, request_id, prepared.prompt_tokens, reserve)
+        row.idempotency_key = idempotency_key
         try:
             admission = await self.ledger.open(row)
         except LedgerUnavailable as exc:

@@ -27,7 +27,9 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -88,6 +90,11 @@ requests = Table(
     Column("instance", String(64), nullable=False),
     Column("user", String(256), nullable=True),
     Column("error", Text, nullable=True),
+    # A request made with an Idempotency-Key: its one row, and how many other
+    # connections were answered from it (finished: replays; running: attachments).
+    Column("idempotency_key", String(255), nullable=True),
+    Column("replays", Integer, nullable=False, server_default="0"),
+    Column("attachments", Integer, nullable=False, server_default="0"),
     Index("ix_requests_key_day", "key_id", "day"),
     # Only the rows in flight (recovery's lookup), see migration 0002.
     Index(
@@ -96,6 +103,28 @@ requests = Table(
         sqlite_where=text("status = 'open'"),
         postgresql_where=text("status = 'open'"),
     ),
+)
+
+# One row per (API key, Idempotency-Key): claimed before the request is
+# admitted (the primary key makes concurrent first requests, on any replica,
+# generate once), finished with the response to replay. See billing.idempotency.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("key_id", String(40), nullable=False),
+    Column("idempotency_key", String(255), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Column("state", String(16), nullable=False),  # running | done
+    Column("instance", String(64), nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("content_type", String(100), nullable=True),
+    Column("body", LargeBinary, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    PrimaryKeyConstraint("key_id", "idempotency_key", name="pk_idempotency_keys"),
+    Index("ix_idempotency_keys_expires", "expires_at"),
 )
 
 
@@ -117,6 +146,7 @@ OPEN_COLUMNS = (
     "user",
     "closed_at",
     "error",
+    "idempotency_key",
 )
 # What its close writes: (parameter of ``CloseRow.params()``, column). The
 # parameters are prefixed: a bound parameter may not share its column's name

@@ -58,6 +58,7 @@ FINAL_STATUSES = (
     "engine_error",
     "rejected",
     "interrupted",
+    "slow_client",
 )
 
 
@@ -88,6 +89,7 @@ class OpenRow:
     # Write the row already closed with this status (a rejected request).
     status: str = "open"
     error: str | None = None
+    idempotency_key: str | None = None
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -108,6 +110,7 @@ class OpenRow:
             "user": self.user,
             "closed_at": self.created_at if closed else None,
             "error": self.error if closed else None,
+            "idempotency_key": self.idempotency_key,
         }
 
 

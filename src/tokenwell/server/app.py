@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from tokenwell.billing.accounting import Accounting
 from tokenwell.billing.db import Database
+from tokenwell.billing.idempotency import IdempotencyStore
 from tokenwell.billing.journal import Journal
 from tokenwell.billing.keys import KeyHasher, KeyStore
 from tokenwell.billing.ledger import Ledger
@@ -32,6 +33,7 @@ from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.errors import api_error, http_error, unexpected_error
+from tokenwell.server.idempotent import IdempotencyService
 from tokenwell.server.metrics import Metrics
 from tokenwell.server.routes import admin, chat, health, models, usage
 
@@ -100,6 +102,7 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
     ledger = Ledger(db, max_batch=settings.database.batch_max_rows)
     engines = engines if engines is not None else [create_engine(m) for m in settings.models]
     journal: Journal | None = None
+    idempotency: IdempotencyService | None = None
     loading: list[asyncio.Task[None]] = []
     try:
         await db.migrate()
@@ -119,6 +122,14 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
             log.warning("closed %d request(s) left open by an earlier crash", recovered)
         journal = Journal(instance.journal_dir)
         accounting.journal = journal
+        idempotency = IdempotencyService(
+            IdempotencyStore(db, settings.idempotency.ttl_seconds),
+            settings.idempotency,
+            instance.id,
+            settings.keepalive_seconds,
+            settings.redis.url,
+        )
+        await idempotency.start()
 
         registry = ModelRegistry(engines)
         metrics = Metrics()
@@ -137,6 +148,7 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
                 max_body_bytes=settings.max_body_bytes,
                 keepalive_seconds=settings.keepalive_seconds,
                 policy=ContentPolicy(settings.content_filter) if settings.content_filter else None,
+                idempotency=idempotency,
             ),
             metrics=metrics,
             master_key_file=master_file,
@@ -153,6 +165,8 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
                 await engine.stop()
             except Exception:
                 log.exception("stopping %s failed", engine.model_id)
+        if idempotency is not None:  # requests that outlived their connection: stored
+            await idempotency.stop()
         # Stopping the engines ended every generation; let their requests settle
         # into the ledger before it stops (the journal covers any that cannot).
         deadline = asyncio.get_running_loop().time() + 10

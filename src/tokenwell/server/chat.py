@@ -18,14 +18,20 @@ from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from tokenwell.billing.accounting import Accounting, Ticket
+from tokenwell.billing.keys import KeyRecord
 from tokenwell.engines.base import Engine, Generation
-from tokenwell.errors import APIError, ModelNotFound
+from tokenwell.errors import APIError, InvalidRequest, ModelNotFound
 from tokenwell.moderation import ContentPolicy
 from tokenwell.protocol.events import Meter
 from tokenwell.protocol.render import Identity
-from tokenwell.protocol.requests import parse_chat_request
+from tokenwell.protocol.requests import ChatRequest, parse_chat_request
 from tokenwell.server.body import read_body
 from tokenwell.server.generation import GenerationResponse, Outcome
+from tokenwell.server.idempotent import (
+    IdempotencyService,
+    parse_idempotency_key,
+    parse_last_event_id,
+)
 from tokenwell.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -60,6 +66,7 @@ class ChatService:
         max_body_bytes: int,
         keepalive_seconds: float,
         policy: ContentPolicy | None = None,
+        idempotency: IdempotencyService | None = None,
     ) -> None:
         self.models = models
         self.accounting = accounting
@@ -67,17 +74,48 @@ class ChatService:
         self.max_body_bytes = max_body_bytes
         self.keepalive_seconds = keepalive_seconds
         self.policy = policy
+        self.idempotency = idempotency
 
     async def create(self, request: Request) -> ASGIApp:
         started = time.perf_counter()
         key = await self.accounting.authenticate(request.headers.get("authorization"))
-        chat = parse_chat_request(await read_body(request, self.max_body_bytes))
+        idempotency_key = parse_idempotency_key(request.headers)
+        last_event_id = parse_last_event_id(request.headers)
+        if last_event_id is not None and idempotency_key is None:
+            raise InvalidRequest(
+                "'Last-Event-ID' resumes a request made with an 'Idempotency-Key': "
+                "send the same key.",
+                param="Last-Event-ID",
+                code="missing_idempotency_key",
+            )
+        body = await read_body(request, self.max_body_bytes)
+        chat = parse_chat_request(body)
         engine = self.models.get(chat.model)
         self.accounting.authorize(key, chat.model)
         if self.policy is not None:
             self.policy.check_input(chat)
+        if idempotency_key is not None and self.idempotency is not None:
+            return await self.idempotency.respond(
+                key,
+                idempotency_key,
+                body,
+                chat.stream,
+                last_event_id,
+                partial(self._generate, key, chat, engine, started),
+            )
+        return await self._generate(key, chat, engine, started)
+
+    async def _generate(
+        self,
+        key: KeyRecord,
+        chat: ChatRequest,
+        engine: Engine,
+        started: float,
+        request_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> GenerationResponse:
         prepared = engine.prepare(chat)
-        ticket = await self.accounting.admit(key, prepared)
+        ticket = await self.accounting.admit(key, prepared, request_id, idempotency_key)
         try:
             generation = engine.submit(prepared, ticket.meter)
         except APIError as exc:

@@ -1,0 +1,616 @@
+"""One request, one log: a request's response, numbered, and every connection a reader.
+
+A request made with an ``Idempotency-Key`` does not write to its connection.
+A ``Producer`` runs its ``GenerationResponse`` into a ``RequestLog`` — the
+status and headers, then the SSE events one by one (numbered from 0, ``[DONE]``
+included), or one JSON body — and each connection (the first, a retry, a
+resume with ``Last-Event-ID``) is a ``LogReader`` that sends what the log
+holds after the reader's position, then what comes, with an ``id: N`` line
+on every event.
+
+Generation no longer ends with a socket: when the last reader leaves, the
+producer waits ``grace`` seconds for another, then disconnects the response
+(it is cancelled and billed ``client_disconnected``, as before).
+
+In process by default. With Redis (``RedisLogs``) the log is mirrored there
+as it grows, so a reader on another replica can follow it; that replica's
+readers keep the generation alive through a presence key, and the producer a
+heartbeat, so a reader sees when the replica that generated has died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tokenwell.protocol import sse
+from tokenwell.protocol.render import StreamRenderer
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class LogGone(Exception):
+    """The log is no longer where the reader was reading it (the request finished)."""
+
+
+class ProducerGone(Exception):
+    """The server that was generating this request stopped before it finished."""
+
+
+class Truncated(Exception):
+    """The events asked for are no longer held (the log outgrew its bound)."""
+
+
+def split_events(body: bytes) -> list[bytes]:
+    """SSE bytes → one ``data: …\\n\\n`` block per event (comments dropped)."""
+    return [part + b"\n\n" for part in body.split(b"\n\n") if part and not part.startswith(b":")]
+
+
+class LogView(Protocol):
+    """What a reader reads: a local ``RequestLog`` or a ``RemoteLog``."""
+
+    def attach(self) -> None: ...
+
+    def detach(self) -> None: ...
+
+    async def head(self) -> tuple[int, Headers, bool]: ...
+
+    async def read(self, start: int, timeout: float) -> tuple[list[bytes], bool]: ...
+
+    async def body(self) -> bytes: ...
+
+
+class RequestLog:
+    """A request's response as it is made. Pure bookkeeping on the event loop."""
+
+    def __init__(self, request_id: str, stream: bool, max_bytes: int) -> None:
+        self.request_id = request_id
+        self.stream = stream
+        self.max_bytes = max_bytes
+        self.status: int | None = None
+        self.headers: Headers = []
+        self.events: list[bytes] = []
+        self.first = 0  # the number of events[0]: more than 0 once trimmed
+        self.size = 0
+        self.body_bytes = b""
+        self.done = False
+        self.complete = False  # the response ended as it should (not abandoned)
+        self.readers = 0
+        self.on_idle: Callable[[], None] | None = None
+        self.on_active: Callable[[], None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @classmethod
+    def completed(
+        cls,
+        request_id: str,
+        stream: bool,
+        status: int,
+        content_type: str,
+        body: bytes,
+    ) -> RequestLog:
+        """A finished request's stored response, as a log to read."""
+        done = cls(request_id, stream, max(len(body), 1))
+        headers: Headers = [
+            (b"content-type", content_type.encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        done.start(status, headers)
+        if done.sse:
+            done.headers.append((b"cache-control", b"no-cache"))
+            done.append(split_events(body))
+        else:
+            done.body_bytes = body
+        done.complete = True
+        done.finish()
+        return done
+
+    @property
+    def sse(self) -> bool:
+        return self.stream and self.status == 200
+
+    @property
+    def end(self) -> int:
+        """The number the next event gets."""
+        return self.first + len(self.events)
+
+    @property
+    def truncated(self) -> bool:
+        return self.first > 0
+
+    @property
+    def content_type(self) -> str:
+        for name, value in self.headers:
+            if name.lower() == b"content-type":
+                return value.decode()
+        return "application/json"
+
+    # ---------------------------------------------------------------- writer
+
+    def start(self, status: int, headers: Headers) -> None:
+        self.status = status
+        self.headers = [
+            (name, value) for name, value in headers if name.lower() != b"content-length"
+        ]
+        self._notify()
+
+    def append(self, events: list[bytes]) -> None:
+        if not events:
+            return
+        self.events.extend(events)
+        self.size += sum(map(len, events))
+        if self.size > self.max_bytes:
+            # Keep the newest: live readers go on; a reader behind the cut is told.
+            cut = 0
+            while self.size > self.max_bytes and cut < len(self.events) - 1:
+                self.size -= len(self.events[cut])
+                cut += 1
+            del self.events[:cut]
+            self.first += cut
+        self._notify()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self._notify()
+
+    # ---------------------------------------------------------------- readers
+
+    def attach(self) -> None:
+        self.readers += 1
+        if self.on_active is not None:
+            self.on_active()
+
+    def detach(self) -> None:
+        self.readers -= 1
+        if self.readers == 0 and not self.done and self.on_idle is not None:
+            self.on_idle()
+
+    async def head(self) -> tuple[int, Headers, bool]:
+        while self.status is None:
+            await self.wait(None)
+        return self.status, self.headers, self.sse
+
+    async def read(self, start: int, timeout: float) -> tuple[list[bytes], bool]:
+        """The events from number ``start`` on (waits up to ``timeout`` for one); done?"""
+        if start >= self.end and not self.done:
+            await self.wait(timeout)
+        if start < self.first:
+            raise Truncated(f"events before {self.first} are no longer held")
+        events = self.events[start - self.first :]
+        return events, self.done
+
+    async def body(self) -> bytes:
+        while not self.done:
+            await self.wait(None)
+        return self.body_bytes
+
+    async def wait(self, timeout: float | None) -> None:
+        """Until the log changes, or ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._waiters.append(waiter)
+        handle = loop.call_later(timeout, _resolve, waiter) if timeout is not None else None
+        try:
+            await waiter
+        finally:
+            if handle is not None:
+                handle.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            _resolve(waiter)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+# ---------------------------------------------------------------------- producer
+
+
+class Producer:
+    """Runs a response (``GenerationResponse``) into a log instead of a socket."""
+
+    def __init__(
+        self,
+        request_log: RequestLog,
+        response: ASGIApp,
+        grace: float,
+        on_done: Callable[[RequestLog], Awaitable[None]],
+        remote: RedisLogs | None = None,
+    ) -> None:
+        self.log = request_log
+        self.response = response
+        self.grace = grace
+        self.on_done = on_done
+        self.remote = remote
+        self.abandoned = False
+        self._abandon = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        request_log.on_idle = self._idle
+        request_log.on_active = self._active
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self._run(), name=f"produce-{self.log.request_id}")
+        return self.task
+
+    async def _run(self) -> None:
+        mirror = self.remote.mirror(self.log) if self.remote is not None else None
+        try:
+            await self.response({"type": "http"}, self._receive, self._send)
+        except Exception:
+            log.exception("request %s failed while producing", self.log.request_id)
+        finally:
+            self._active()
+            self.log.finish()
+            if mirror is not None:
+                with contextlib.suppress(Exception):
+                    await mirror
+            try:
+                await self.on_done(self.log)
+            except Exception:
+                log.exception("storing the result of %s failed", self.log.request_id)
+
+    async def _receive(self) -> dict[str, Any]:
+        await self._abandon.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        rlog = self.log
+        if message["type"] == "http.response.start":
+            rlog.start(message["status"], list(message.get("headers", [])))
+            return
+        body = message.get("body", b"")
+        if rlog.sse:
+            if body and body != sse.KEEPALIVE:
+                rlog.append(split_events(body))
+        else:
+            rlog.body_bytes += body
+        if not message.get("more_body", False):
+            rlog.complete = True
+            rlog.finish()
+
+    # The grace period: armed when the last reader leaves, disarmed when one comes.
+
+    def _idle(self) -> None:
+        self._active()
+        self._timer = asyncio.get_running_loop().call_later(self.grace, self._grace_over)
+
+    def _active(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _grace_over(self) -> None:
+        self._timer = None
+        if self.log.readers or self.log.done:
+            return
+        if self.remote is None:
+            self._give_up()
+        else:
+            asyncio.get_running_loop().create_task(self._check_remote())
+
+    async def _check_remote(self) -> None:
+        assert self.remote is not None
+        try:
+            left = await self.remote.readers_left(self.log.request_id)
+        except Exception:
+            log.warning("could not ask Redis for readers of %s", self.log.request_id)
+            left = 0.0
+        if self.log.readers or self.log.done or self._timer is not None:
+            return
+        if left > 0:
+            self._timer = asyncio.get_running_loop().call_later(left, self._grace_over)
+        else:
+            self._give_up()
+
+    def _give_up(self) -> None:
+        self.abandoned = True
+        self._abandon.set()
+
+
+# ---------------------------------------------------------------------- reader
+
+
+class LogReader:
+    """One connection reading a log: the ASGI app a keyed request answers with."""
+
+    def __init__(
+        self,
+        view: LogView,
+        *,
+        after: int | None,
+        replayed: bool,
+        keepalive: float,
+        reopen: Callable[[], Awaitable[LogView | None]] | None = None,
+    ) -> None:
+        self.view = view
+        self.next = 0 if after is None else after + 1
+        self.replayed = replayed
+        self.keepalive = keepalive
+        self.reopen = reopen
+        self.gone = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        view = self.view
+        view.attach()
+        watcher = asyncio.create_task(self._watch(receive, task))
+        try:
+            await self._serve(send)
+        except OSError:
+            self.gone = True
+        except asyncio.CancelledError:
+            if not self.gone:
+                raise
+            task.uncancel()
+        finally:
+            watcher.cancel()
+            view.detach()
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                task.cancel()
+                return
+
+    async def _serve(self, send: Send) -> None:
+        status, headers, is_sse = await self.view.head()
+        headers = list(headers)
+        if self.replayed:
+            headers.append((b"idempotent-replayed", b"true"))
+        if not is_sse:
+            body = await self.view.body()
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        while True:
+            try:
+                events, done = await self.view.read(self.next, self.keepalive)
+            except LogGone:
+                view = await self.reopen() if self.reopen is not None else None
+                if view is None:
+                    await self._end(send, "The request's event log is no longer available.")
+                    return
+                self.view.detach()
+                self.view = view
+                view.attach()
+                continue
+            except ProducerGone:
+                await self._end(
+                    send, "The server generating this response stopped before it finished."
+                )
+                return
+            except Truncated:
+                await self._end(
+                    send,
+                    "The events after Last-Event-ID are no longer held: the response "
+                    "outgrew the server's event log (idempotency.max_log_bytes).",
+                )
+                return
+            if events:
+                out = b"".join(
+                    b"id: %d\n%s" % (number, event)
+                    for number, event in enumerate(events, self.next)
+                )
+                self.next += len(events)
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+            elif done:
+                break
+            else:
+                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _end(self, send: Send, message: str) -> None:
+        error = StreamRenderer.error(message, "interrupted")
+        out = b"id: %d\n%sid: %d\n%s" % (self.next, error, self.next + 1, sse.DONE)
+        await send({"type": "http.response.body", "body": out, "more_body": False})
+
+
+# ---------------------------------------------------------------------- Redis
+
+
+class RedisLogs:
+    """Request logs mirrored to Redis, for readers on other replicas.
+
+    Per request, under ``{prefix}{request_id}:``: ``m`` (hash: status, headers,
+    sse, done, body), ``e`` (list: the events), ``a`` (the producer's
+    heartbeat, 3 s), ``r`` (readers elsewhere: how long they keep it alive).
+    Everything is deleted once the result is stored in the database.
+    """
+
+    HEARTBEAT = 1.0
+    ALIVE_MS = 3000
+
+    def __init__(self, url: str, ttl: float, grace: float, prefix: str = "tokenwell:log:") -> None:
+        import redis.asyncio as redis
+
+        self.client: Any = redis.from_url(url)
+        self.ttl = max(int(ttl), 1)
+        self.grace = grace
+        self.prefix = prefix
+
+    def _k(self, request_id: str, part: str) -> str:
+        return f"{self.prefix}{request_id}:{part}"
+
+    def mirror(self, request_log: RequestLog) -> asyncio.Task[None]:
+        return asyncio.create_task(self._mirror(request_log))
+
+    async def _mirror(self, rlog: RequestLog) -> None:
+        rid = rlog.request_id
+        meta, events, alive = self._k(rid, "m"), self._k(rid, "e"), self._k(rid, "a")
+        sent = 0
+        head = False
+        beat = 0.0
+        while True:
+            done = rlog.done
+            pipe = self.client.pipeline(transaction=False)
+            commands = 0
+            if rlog.status is not None and not head:
+                pipe.hset(
+                    meta,
+                    mapping={
+                        "status": rlog.status,
+                        "headers": orjson.dumps(
+                            [[k.decode(), v.decode()] for k, v in rlog.headers]
+                        ),
+                        "sse": int(rlog.sse),
+                    },
+                )
+                pipe.expire(meta, self.ttl)
+                head = True
+                commands += 2
+            if rlog.end > sent:
+                if sent < rlog.first:  # trimmed before it was mirrored
+                    pipe.hset(meta, "first", rlog.first)
+                    sent = rlog.first
+                pipe.rpush(events, *rlog.events[sent - rlog.first :])
+                pipe.expire(events, self.ttl)
+                sent = rlog.end
+                commands += 2
+            now = time.monotonic()
+            if now - beat >= self.HEARTBEAT and not done:
+                pipe.set(alive, 1, px=self.ALIVE_MS)
+                beat = now
+                commands += 1
+            if done:
+                pipe.hset(meta, mapping={"done": 1, "body": rlog.body_bytes})
+                commands += 1
+            if commands:
+                try:
+                    await pipe.execute()
+                except Exception:
+                    log.warning("mirroring request %s to Redis failed", rid, exc_info=True)
+            if done:
+                return
+            if rlog.end > sent or rlog.done or (rlog.status is not None and not head):
+                continue  # it changed while Redis answered
+            await rlog.wait(self.HEARTBEAT)
+
+    async def exists(self, request_id: str) -> bool:
+        return bool(await self.client.exists(self._k(request_id, "m")))
+
+    async def readers_left(self, request_id: str) -> float:
+        """Seconds readers on other replicas still keep this request alive (0: none)."""
+        ms = await self.client.pttl(self._k(request_id, "r"))
+        return max(int(ms), 0) / 1000
+
+    async def forget(self, request_id: str) -> None:
+        await self.client.delete(*(self._k(request_id, p) for p in "mear"))
+
+    def view(self, request_id: str) -> RemoteLog:
+        return RemoteLog(self, request_id)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RemoteLog:
+    """A log mirrored in Redis by another replica, read by polling."""
+
+    POLL = 0.025
+
+    def __init__(self, logs: RedisLogs, request_id: str) -> None:
+        self.logs = logs
+        self.request_id = request_id
+        self._presence: asyncio.Task[None] | None = None
+        self._k = logs._k
+        self._dead_since: float | None = None
+
+    def attach(self) -> None:
+        self._presence = asyncio.create_task(self._present())
+
+    def detach(self) -> None:
+        if self._presence is not None:
+            self._presence.cancel()
+            self._presence = None
+        if self.logs.grace > 0:
+            # Gone from here: the producer waits the grace period from now.
+            asyncio.get_running_loop().create_task(self._leave())
+
+    async def _present(self) -> None:
+        key = self._k(self.request_id, "r")
+        with contextlib.suppress(Exception):
+            while True:
+                await self.logs.client.set(key, 1, px=RedisLogs.ALIVE_MS)
+                await asyncio.sleep(RedisLogs.HEARTBEAT)
+
+    async def _leave(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.logs.client.set(
+                self._k(self.request_id, "r"), 1, px=max(int(self.logs.grace * 1000), 1)
+            )
+
+    async def _meta(self) -> dict[bytes, bytes]:
+        meta: dict[bytes, bytes] = await self.logs.client.hgetall(self._k(self.request_id, "m"))
+        if not meta:
+            raise LogGone(self.request_id)
+        return meta
+
+    async def head(self) -> tuple[int, Headers, bool]:
+        while True:
+            meta = await self._meta()
+            if b"status" in meta:
+                headers = [(k.encode(), v.encode()) for k, v in orjson.loads(meta[b"headers"])]
+                return int(meta[b"status"]), headers, meta.get(b"sse") == b"1"
+            await self._check_alive(meta)
+            await asyncio.sleep(self.POLL)
+
+    async def read(self, start: int, timeout: float) -> tuple[list[bytes], bool]:
+        client = self.logs.client
+        deadline = time.monotonic() + timeout
+        while True:
+            meta = await self._meta()
+            first = int(meta.get(b"first", 0))
+            if start < first:
+                raise Truncated(f"events before {first} are no longer held")
+            events: list[bytes] = await client.lrange(
+                self._k(self.request_id, "e"), start - first, -1
+            )
+            done = meta.get(b"done") == b"1"
+            if events or done:
+                # ``done`` is set after the last RPUSH: read before the list, it
+                # means the list read after it is complete.
+                return events, done
+            await self._check_alive(meta)
+            if time.monotonic() >= deadline:
+                return [], False
+            await asyncio.sleep(self.POLL)
+
+    async def body(self) -> bytes:
+        while True:
+            meta = await self._meta()
+            if meta.get(b"done") == b"1":
+                return meta.get(b"body", b"")
+            await self._check_alive(meta)
+            await asyncio.sleep(self.POLL)
+
+    async def _check_alive(self, meta: dict[bytes, bytes]) -> None:
+        if await self.logs.client.exists(self._k(self.request_id, "a")):
+            self._dead_since = None
+            return
+        now = time.monotonic()
+        if self._dead_since is None:
+            self._dead_since = now
+        elif now - self._dead_since > RedisLogs.ALIVE_MS / 1000:
+            raise ProducerGone(self.request_id)
