@@ -67,6 +67,7 @@ def serve(
     import uvloop
 
     from tokenwell.server.app import create_app
+    from tokenwell.server.protocol import protocol_class
 
     settings = _settings(config_path, host=host, port=port, data_dir=data_dir)
     interpreter.tune(settings)
@@ -83,7 +84,9 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=10,
         loop="uvloop",
-        http="httptools",
+        # httptools, with time limits on headers, body and slow readers.
+        http=protocol_class(settings.http),
+        timeout_keep_alive=settings.http.idle_timeout,
     )
     server = uvicorn.Server(config)
 

@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -96,6 +96,29 @@ class IdempotencyConfig(BaseModel):
     max_log_bytes: int = Field(default=4 * 1024 * 1024, ge=4096)
 
 
+class HTTPConfig(BaseModel):
+    """Time limits on client connections and backpressure for slow readers
+    (``server.protocol``, ``server.generation``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # A request's headers must arrive within this many seconds of the connection
+    # opening (or of the request's first byte on a kept-alive connection).
+    header_timeout: float = Field(default=10.0, gt=0)
+    # Its body, within this many seconds of the end of its headers.
+    body_timeout: float = Field(default=60.0, gt=0)
+    # A kept-alive connection with no request is closed after this many seconds.
+    idle_timeout: float = Field(default=5.0, gt=0)
+    # A client that takes none of its response for this long is cut off; a
+    # generation for it ends as `slow_client`, billed for what was made.
+    send_timeout: float = Field(default=30.0, gt=0)
+    # A stream whose client is this many events (about a token each) behind:
+    # "pause" stops generating for it until the client catches up (an engine
+    # that cannot pause ends it as "end" does); "end" ends the request there.
+    slow_client: Literal["pause", "end"] = "pause"
+    stream_buffer: int = Field(default=1024, ge=1)
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +145,7 @@ class Settings(BaseModel):
     content_filter: ContentPolicyConfig | None = None
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(name=DEFAULT_MODEL, engine="llamacpp")]

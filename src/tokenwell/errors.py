@@ -12,8 +12,10 @@ into the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``.
         ├── PermissionDenied        403 permission_error
         ├── NotFound                404
         │   └── ModelNotFound       404 code=model_not_found
+        ├── RequestTimeout          408 the request's headers or body came too slowly
         ├── PayloadTooLarge         413
         ├── RateLimited             429 rate_limit_exceeded
+        ├── ClientDisconnected      499 the client left before the response (never seen)
         ├── InsufficientQuota       429 insufficient_quota
         ├── ServerError             500 a bug, never bad input
         ├── UpstreamFailed          502 an upstream answered badly
@@ -95,6 +97,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RequestTimeout(APIError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(APIError):
     status = 413
     type = "invalid_request_error"
@@ -111,6 +119,14 @@ class InsufficientQuota(APIError):
     status = 429
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+class ClientDisconnected(APIError):
+    """The client went away while its request was read: nobody to answer, no error."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
 
 
 class ServerError(APIError):

@@ -59,6 +59,14 @@ class Generation:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = asyncio.Event()
         self._on_cancel: list[Any] = []
+        # Backpressure (set by the server for a streamed response, see
+        # ``backpressure``): an engine that can pause sets ``pausable`` and
+        # awaits ``room()`` before each token.
+        self.pausable = False
+        self.high_water: int | None = None
+        self._overflow_at: int | None = None
+        self._on_overflow: Callable[[], None] | None = None
+        self._room: asyncio.Future[None] | None = None
 
     # -- engine side
     def push(self, events: list[Event] | tuple[Event, ...]) -> None:
@@ -69,6 +77,10 @@ class Generation:
                 self.failure = event
         self._items.extend(events)
         self._wake()
+        if self._overflow_at is not None and len(self._items) >= self._overflow_at:
+            overflow, self._on_overflow, self._overflow_at = self._on_overflow, None, None
+            if overflow is not None:
+                overflow()
 
     def close(self) -> None:
         """The engine is done with this request; the meter is final."""
@@ -78,6 +90,18 @@ class Generation:
 
     def on_cancel(self, callback: Any) -> None:
         self._on_cancel.append(callback)
+
+    @property
+    def backlogged(self) -> bool:
+        """The reader is ``high_water`` events behind: a pausable engine waits."""
+        return self.high_water is not None and len(self._items) >= self.high_water
+
+    async def room(self) -> None:
+        """Engine side: wait while the reader is behind (returns at once when it is not)."""
+        while self.backlogged and not self.cancelled and not self._closed.is_set():
+            if self._room is None or self._room.done():
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     # -- server side
     @property
@@ -103,7 +127,18 @@ class Generation:
                     handle.cancel()
         items = list(self._items)
         self._items.clear()
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
         return items
+
+    def backpressure(
+        self, high_water: int, overflow_at: int, on_overflow: Callable[[], None]
+    ) -> None:
+        """Server side: a pausable engine waits at ``high_water`` unread events;
+        at ``overflow_at`` (an engine that did not) ``on_overflow`` is called, once."""
+        self.high_water = high_water
+        self._overflow_at = overflow_at
+        self._on_overflow = on_overflow
 
     @property
     def exhausted(self) -> bool:
@@ -113,6 +148,8 @@ class Generation:
         if self.cancelled or self._closed.is_set():
             return
         self.cancelled = True
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
         for callback in self._on_cancel:
             callback()
 

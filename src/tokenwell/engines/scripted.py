@@ -6,7 +6,8 @@ predictable. The reply is, in order of precedence:
 - a script: a last user message ``!script {json}`` with any of
   ``text`` (str), ``tokens`` (list of pieces), ``finish`` (a finish reason),
   ``tool_calls`` ([{"name", "arguments", "chunks"?}]), ``delay`` (seconds per
-  token), ``prefill_delay``, ``fail_after`` (tokens before a mid-stream error);
+  token), ``prefill_delay``, ``fail_after`` (tokens before a mid-stream error),
+  ``crash`` (a plain exception, as a bug would raise: tests of the server's 500);
 - ``reply_tokens = N`` in the model's config: ``N`` tokens " w0 w1 …";
 - ``reply`` in the config;
 - otherwise an echo of the last user message.
@@ -78,6 +79,7 @@ class Script(BaseModel):
     delay: float | None = Field(default=None, ge=0)
     prefill_delay: float | None = Field(default=None, ge=0)
     fail_after: int | None = Field(default=None, ge=0)
+    crash: bool = False
 
 
 @dataclass
@@ -147,6 +149,8 @@ class ScriptedEngine(Engine):
                 raise InvalidRequest(
                     f"Invalid script for the scripted engine: {exc}", param="messages"
                 ) from exc
+            if script.crash:
+                raise RuntimeError("the scripted engine crashed, as asked")
             tokens = script.tokens if script.tokens is not None else split_tokens(script.text or "")
             return _Plan(
                 tokens,
@@ -193,6 +197,7 @@ class ScriptedEngine(Engine):
                 headers={"Retry-After": "1"},
             )
         generation = Generation(prepared.request.n, meter)
+        generation.pausable = True  # it waits for a slow reader (see _generate)
         self._waiting += 1
 
         def done() -> None:
@@ -234,6 +239,8 @@ class ScriptedEngine(Engine):
                 gen.push([Failed("the scripted engine failed mid-stream", "scripted_failure")])
                 return
             await asyncio.sleep(plan.delay)
+            if gen.backlogged:
+                await gen.room()
             events: list[Event] = []
             for choice in sorted(live):
                 gen.meter.add_completion()

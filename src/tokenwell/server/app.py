@@ -16,6 +16,7 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
 from tokenwell.billing.accounting import Accounting
@@ -28,11 +29,11 @@ from tokenwell.billing.ratelimit import LocalRateLimiter, RateLimiter, RedisRate
 from tokenwell.config import Settings
 from tokenwell.engines.base import Engine
 from tokenwell.engines.registry import create_engine
-from tokenwell.errors import APIError
+from tokenwell.errors import APIError, ClientDisconnected
 from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
-from tokenwell.server.errors import api_error, http_error, unexpected_error
+from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_error
 from tokenwell.server.idempotent import IdempotencyService
 from tokenwell.server.metrics import Metrics
 from tokenwell.server.routes import admin, chat, health, models, usage
@@ -82,10 +83,12 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
     return Starlette(
         routes=routes,
         lifespan=lifespan,
+        # Unexpected exceptions: ErrorBoundary, not Starlette's 500 handler (see server.errors).
+        middleware=[Middleware(ErrorBoundary)],
         exception_handlers={
+            ClientDisconnected: client_gone,
             APIError: api_error,
             HTTPException: http_error,
-            Exception: unexpected_error,
         },
     )
 
@@ -149,6 +152,7 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
                 keepalive_seconds=settings.keepalive_seconds,
                 policy=ContentPolicy(settings.content_filter) if settings.content_filter else None,
                 idempotency=idempotency,
+                http=settings.http,
             ),
             metrics=metrics,
             master_key_file=master_file,

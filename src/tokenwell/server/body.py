@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from tokenwell.errors import PayloadTooLarge
+from tokenwell.errors import ClientDisconnected, PayloadTooLarge
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -13,11 +13,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(_too_large(limit))
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(_too_large(limit))
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(_too_large(limit))
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Not an error: the client left (or its body came too slowly, see
+        # server.protocol). Answered quietly, with a metric, no traceback.
+        raise ClientDisconnected("The client disconnected while sending the request.") from None
     return b"".join(chunks)
 
 

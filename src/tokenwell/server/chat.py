@@ -19,6 +19,7 @@ from starlette.types import ASGIApp
 
 from tokenwell.billing.accounting import Accounting, Ticket
 from tokenwell.billing.keys import KeyRecord
+from tokenwell.config import HTTPConfig
 from tokenwell.engines.base import Engine, Generation
 from tokenwell.errors import APIError, InvalidRequest, ModelNotFound
 from tokenwell.moderation import ContentPolicy
@@ -67,6 +68,7 @@ class ChatService:
         keepalive_seconds: float,
         policy: ContentPolicy | None = None,
         idempotency: IdempotencyService | None = None,
+        http: HTTPConfig | None = None,
     ) -> None:
         self.models = models
         self.accounting = accounting
@@ -75,6 +77,7 @@ class ChatService:
         self.keepalive_seconds = keepalive_seconds
         self.policy = policy
         self.idempotency = idempotency
+        self.http = http or HTTPConfig()
 
     async def create(self, request: Request) -> ASGIApp:
         started = time.perf_counter()
@@ -137,6 +140,8 @@ class ChatService:
             headers=ticket.headers,
             started_at=started,
             output_filter=self.policy.output_filter(chat.n) if self.policy else None,
+            slow_client=self.http.slow_client,
+            stream_buffer=self.http.stream_buffer,
         )
 
     async def _settle(self, ticket: Ticket, gen: Generation, outcome: Outcome) -> None:

@@ -75,6 +75,8 @@ class GenerationResponse:
         headers: dict[str, str] | None = None,
         started_at: float | None = None,
         output_filter: OutputFilter | None = None,
+        slow_client: str = "pause",
+        stream_buffer: int | None = None,
     ) -> None:
         self.generation = generation
         self.ident = ident
@@ -87,9 +89,26 @@ class GenerationResponse:
         self.outcome = Outcome("completed", started_at or time.perf_counter())
         self.disconnected = False
         self._finished = False
+        self._settled = asyncio.Event()
         self.filter = output_filter
+        # A slow reader (see config.HTTPConfig): how far behind a stream may
+        # fall, and whether its engine then pauses or the request ends.
+        self.slow_client = slow_client
+        self.stream_buffer = stream_buffer
+        self.slow = False
+        self._state: dict[str, Any] = {}
+        self._ending: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state")
+        self._state = state if isinstance(state, dict) else {}
+        if self.stream and self.stream_buffer is not None:
+            gen = self.generation
+            pauses = self.slow_client == "pause" and gen.pausable
+            # A pausing engine stops at the mark; the request ends at 4x only
+            # if it did not (one step can push many events).
+            overflow_at = self.stream_buffer * 4 if pauses else self.stream_buffer
+            gen.backpressure(self.stream_buffer, overflow_at, self._too_slow)
         watcher = asyncio.create_task(self._watch(receive))
         try:
             if self.stream:
@@ -137,13 +156,34 @@ class GenerationResponse:
     def _client_gone(self) -> None:
         if not self.disconnected:
             self.disconnected = True
+            if self._state.get("send_timed_out"):
+                self.slow = True  # cut off by the server (server.protocol): it read nothing
             self.generation.cancel()
+
+    def _too_slow(self) -> None:
+        """The reader is a whole buffer behind: end the request now and bill it.
+
+        The response ends (an error event and [DONE]) once the client takes
+        what is already on its way, or is cut off by ``send_timeout``.
+        """
+        if self.slow or self._finished:
+            return
+        self.slow = True
+        self.generation.cancel()
+        self._ending = asyncio.ensure_future(self._finish())
 
     async def _finish(self) -> None:
         """Settle once: before the last bytes on the normal path, else on the way out."""
         if self._finished:
+            await self._settled.wait()  # settled once, by whoever came first
             return
         self._finished = True
+        try:
+            await self._settle_once()
+        finally:
+            self._settled.set()
+
+    async def _settle_once(self) -> None:
         gen = self.generation
         if not gen.is_closed:
             gen.cancel()
@@ -163,6 +203,9 @@ class GenerationResponse:
             outcome.error = gen.failure.message
         elif self._complete:
             outcome.status = finished_status(gen.finished)
+        elif self.slow:
+            outcome.status = "slow_client"
+            outcome.error = "the client read its stream too slowly"
         elif self.disconnected:
             outcome.status = "client_disconnected"
         else:
@@ -210,7 +253,12 @@ class GenerationResponse:
         if not started:
             await self._send_error(send, _interrupted())
             return
-        if not self._complete and gen.failure is None:
+        if self.slow and not self._complete and gen.failure is None:
+            tail = StreamRenderer.error(
+                "The client read the stream too slowly; the generation was ended.",
+                "slow_client",
+            )
+        elif not self._complete and gen.failure is None:
             # The engine let go without finishing (shut down): say so.
             tail = StreamRenderer.error("The generation was interrupted.", "interrupted")
         elif gen.failure is None and self.include_usage:

@@ -108,6 +108,16 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.disconnects = Counter(
+            "tokenwell_client_disconnects",
+            "Clients that went away before their response began, by what was being read",
+            ["stage"],
+            registry=self.registry,
+        )
+
+    def client_gone(self, stage: str) -> None:
+        self.disconnects.labels(stage).inc()
+
     def watch_engines(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.registry.register(_EngineStats(source))
 

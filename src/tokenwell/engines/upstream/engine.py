@@ -129,6 +129,7 @@ class UpstreamEngine(Engine):
                 headers={"Retry-After": "2"},
             )
         generation = Generation(prepared.request.n, meter)
+        generation.pausable = True  # it stops reading the upstream for a slow client
         return run_as_task(generation, self._run(generation, prepared), self._tasks)
 
     def _body(self, request: ChatRequest, replica: Replica) -> dict[str, Any]:
@@ -215,6 +216,10 @@ class UpstreamEngine(Engine):
                             gen.push(events)
                             if gen.failure is not None:
                                 return
+                            if gen.backlogged:
+                                # The client is behind: stop reading the upstream
+                                # (TCP backpressure to it) until it catches up.
+                                await gen.room()
                     if done:
                         # Read to the end of the response, so that the
                         # connection goes back to the pool for the next request.

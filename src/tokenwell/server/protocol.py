@@ -1,0 +1,156 @@
+"""uvicorn's httptools protocol, with the time limits it lacks.
+
+uvicorn closes a kept-alive connection that stays idle (``timeout_keep_alive``)
+but puts no limit on a connection that never sends a request, sends half its
+headers, trickles its body, or never reads its response: each holds a socket
+(and a request task) for as long as the client likes. This protocol adds,
+per connection (settings in ``[http]``, see ``config.HTTPConfig``):
+
+- ``header_timeout``: a request's headers must be in within this long of the
+  connection opening, or of its first byte on a kept-alive connection. A
+  connection that sent nothing is closed; one that sent part of a request
+  gets a 408 in the API's error shape, then is closed.
+- ``body_timeout``: its body within this long of its headers. The request
+  then ends as a client disconnect (quietly, see ``server.errors``); a 408 is
+  sent first when no response has begun.
+- ``send_timeout``: a client that takes none of its response's bytes for this
+  long (the transport's buffer stays above its high-water mark) is cut off.
+  The request's ``scope["state"]["send_timed_out"]`` says so, so that a
+  generation ends as ``slow_client`` (billed for what was made).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokenwell.config import HTTPConfig
+from tokenwell.errors import RequestTimeout
+from tokenwell.server.errors import raw_error_response
+
+
+def protocol_class(limits: HTTPConfig) -> type[HttpToolsProtocol]:
+    """The protocol class uvicorn instantiates per connection, with these limits."""
+    return type("TimedHttpToolsProtocol", (TimedHttpToolsProtocol,), {"limits": limits})
+
+
+class TimedHttpToolsProtocol(HttpToolsProtocol):
+    limits: ClassVar[HTTPConfig] = HTTPConfig()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        # What is being read: "idle" (no request begun), "headers" or "body".
+        self._reading = "idle"
+
+    # -- connection
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for name in ("_header_timer", "_body_timer", "_send_timer"):
+            self._cancel(name)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading == "idle" and self._header_timer is None:
+            self._arm_header_timer()  # the first byte of a request on a kept-alive connection
+        super().data_received(data)
+
+    # -- parser callbacks
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._reading = "headers"
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel("_header_timer")
+        self._reading = "body"
+        self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._cancel("_body_timer")
+        self._reading = "idle"
+        super().on_message_complete()
+
+    # -- flow control: a client that reads nothing
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._cancel("_send_timer")
+        super().resume_writing()
+
+    # -- the limits
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(
+            self.limits.header_timeout, self._header_timed_out
+        )
+
+    def _cancel(self, name: str) -> None:
+        timer = getattr(self, name)
+        if timer is not None:
+            timer.cancel()
+            setattr(self, name, None)
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self._responding():
+            # A pipelined request behind one still being answered: the wait
+            # for its headers begins once that one is done.
+            self._arm_header_timer()
+            return
+        if self._reading == "headers":
+            self.transport.write(
+                raw_error_response(
+                    RequestTimeout(
+                        "Request timeout: its headers did not arrive within "
+                        f"{self.limits.header_timeout:g} s."
+                    )
+                )
+            )
+        self.transport.close()
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            self.transport.write(
+                raw_error_response(
+                    RequestTimeout(
+                        "Request timeout: its body did not arrive within "
+                        f"{self.limits.body_timeout:g} s."
+                    )
+                )
+            )
+        if cycle is not None and not cycle.response_complete:
+            # The app reading the body sees the client gone; what it sends is dropped.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            state = cycle.scope.get("state")
+            if isinstance(state, dict):
+                state["send_timed_out"] = True
+        # abort, not close: close would wait for the buffer to drain, forever.
+        self.transport.abort()
