@@ -1,0 +1,299 @@
+"""Idempotency-Key and resumable streams, against real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import string
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.datastructures import Headers
+
+from tests.support import SCRIPTED_CONFIG, Server, ledger_row
+from tokenwell.errors import InvalidRequest
+from tokenwell.protocol.sse import SSEDecoder
+from tokenwell.server.idempotent import fingerprint, parse_idempotency_key
+
+CONFIG = SCRIPTED_CONFIG + "\n[idempotency]\ngrace_seconds = 1.5\n"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with Server(tmp_path_factory.mktemp("idem"), CONFIG) as s:
+        yield s
+
+
+def _key() -> str:
+    return "k-" + "".join(random.choices(string.ascii_letters, k=16))
+
+
+def slow(text_tokens: int, delay: float) -> str:
+    script = {"tokens": [f" t{i}" for i in range(text_tokens)], "delay": delay}
+    return "!script " + orjson.dumps(script).decode()
+
+
+def events(body: bytes) -> list[tuple[str | None, str]]:
+    return [(e.id, e.data) for e in SSEDecoder().feed(body)]
+
+
+def post(server: Server, body: dict[str, Any], **headers: str) -> httpx.Response:
+    with server.http() as http:
+        return http.post("/v1/chat/completions", json=body, headers=headers)
+
+
+# ------------------------------------------------------------------ the header
+
+
+def _valid(value: str) -> bool:
+    return 1 <= len(value) <= 255 and all(32 <= ord(c) <= 126 for c in value)
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300)
+def test_key_validation_accepts_exactly_printable_ascii_up_to_255(value: str) -> None:
+    headers = Headers(raw=[(b"idempotency-key", value.encode("latin-1", "replace"))])
+    as_sent = headers["idempotency-key"]
+    try:
+        parsed = parse_idempotency_key(headers)
+    except InvalidRequest as exc:
+        assert not _valid(as_sent)
+        assert exc.status == 400 and exc.param == "Idempotency-Key"
+    else:
+        assert _valid(as_sent) and parsed == as_sent
+
+
+@given(
+    st.one_of(
+        st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126), min_size=1),
+        st.text(min_size=256, max_size=300, alphabet="ab"),
+        # obs-text: HTTP lets it through, the key rules do not.
+        st.binary(min_size=1, max_size=20)
+        .map(lambda b: bytes(x if x >= 0x80 or 0x20 < x < 0x7F else 0x80 for x in b))
+        .filter(lambda b: any(x >= 0x80 for x in b)),
+    )
+)
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_malformed_keys_are_400_over_http(server: Server, value: str | bytes) -> None:
+    raw = value if isinstance(value, bytes) else value.encode()
+    raw = raw.replace(b"\r", b"x").replace(b"\n", b"x").replace(b"\0", b"x").strip() or b"x"
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": raw})
+    ok = _valid(raw.decode("latin-1"))
+    if ok:
+        assert response.status_code == 200, response.text
+    else:
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "Idempotency-Key"
+
+
+def test_fingerprint_is_canonical() -> None:
+    a = fingerprint(b'{"model": "m", "temperature": 1.0, "messages": []}')
+    b = fingerprint(b'{"messages":[],"temperature":1,"model":"m"}')
+    c = fingerprint(b'{"messages":[],"temperature":1.5,"model":"m"}')
+    assert a == b != c
+
+
+def test_last_event_id_needs_a_key_and_a_number(server: Server) -> None:
+    body = {"model": "scripted", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    r = post(server, body, **{"Last-Event-ID": "3"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "Last-Event-ID"
+    r = post(server, body, **{"Last-Event-ID": "x", "Idempotency-Key": _key()})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "Last-Event-ID"
+
+
+# ------------------------------------------------------------------ replay
+
+
+def test_without_a_key_the_wire_has_no_ids(server: Server) -> None:
+    body = {"model": "scripted", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    r = post(server, body)
+    assert b"\nid:" not in r.content and not r.content.startswith(b"id:")
+    assert "idempotent-replayed" not in r.headers
+
+
+def test_stream_replay_is_the_same_events_and_billed_once(server: Server) -> None:
+    key = _key()
+    body = {
+        "model": "scripted",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "replay me"}],
+    }
+    first = post(server, body, **{"Idempotency-Key": key})
+    assert first.status_code == 200 and "idempotent-replayed" not in first.headers
+    got = events(first.content)
+    assert [i for i, _ in got] == [str(n) for n in range(len(got))]
+    assert got[-1][1] == "[DONE]"
+    again = post(server, body, **{"Idempotency-Key": key})
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert again.headers["x-request-id"] == first.headers["x-request-id"]
+    resumed = post(server, body, **{"Idempotency-Key": key, "Last-Event-ID": "2"})
+    assert events(resumed.content) == got[3:]
+    row = ledger_row(server, first.headers["x-request-id"])
+    assert row["status"] == "completed" and row["idempotency_key"] == key
+    assert row["replays"] == 2 and row["attachments"] == 0
+    with server.http() as http:
+        rows = http.get("/admin/requests", params={"limit": 1000}).json()["data"]
+    assert [r["id"] for r in rows if r["idempotency_key"] == key] == [row["id"]]
+
+
+def test_json_replay_and_a_different_body_is_422(server: Server) -> None:
+    key = _key()
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "json please"}]}
+    first = post(server, body, **{"Idempotency-Key": key})
+    again = post(server, body, **{"Idempotency-Key": key})
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content and again.headers["idempotent-replayed"] == "true"
+    other = post(server, {**body, "temperature": 0.5}, **{"Idempotency-Key": key})
+    assert other.status_code == 422
+    assert other.json()["error"]["param"] == "Idempotency-Key"
+    # Scoped to the API key: another key may use the same idempotency key.
+    alice = server.create_key(name="alice")
+    with server.http(key=alice["key"]) as http:
+        mine = http.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": key})
+    assert mine.status_code == 200 and "idempotent-replayed" not in mine.headers
+    assert mine.headers["x-request-id"] != first.headers["x-request-id"]
+
+
+def test_a_refused_request_releases_its_key(server: Server) -> None:
+    key = _key()
+    too_long = {"model": "scripted-tiny", "messages": [{"role": "user", "content": "w " * 200}]}
+    assert post(server, too_long, **{"Idempotency-Key": key}).status_code == 400
+    fine = {"model": "scripted", "messages": [{"role": "user", "content": "now"}]}
+    r = post(server, fine, **{"Idempotency-Key": key})
+    assert r.status_code == 200 and "idempotent-replayed" not in r.headers
+
+
+# ------------------------------------------------------------------ attach, resume, grace
+
+
+def test_attach_while_running_gets_every_event(server: Server) -> None:
+    key = _key()
+    body = {
+        "model": "scripted",
+        "stream": True,
+        "messages": [{"role": "user", "content": slow(30, 0.02)}],
+    }
+
+    async def go() -> list[bytes]:
+        headers = {"Authorization": "Bearer sk-test-master", "Idempotency-Key": key}
+        async with httpx.AsyncClient(base_url=server.base, timeout=30) as c:
+            first = asyncio.create_task(c.post("/v1/chat/completions", json=body, headers=headers))
+            await asyncio.sleep(0.25)
+            second = await c.post("/v1/chat/completions", json=body, headers=headers)
+            assert second.headers["idempotent-replayed"] == "true"
+            return [(await first).content, second.content]
+
+    a, b = asyncio.run(go())
+    assert a == b and events(a)[-1][1] == "[DONE]"
+    row = ledger_row(server, httpx_request_id(server, key))
+    assert row["attachments"] == 1 and row["completion_tokens"] == 30
+
+
+def httpx_request_id(server: Server, key: str) -> str:
+    with server.http() as http:
+        rows = http.get("/admin/requests", params={"limit": 1000}).json()["data"]
+    (rid,) = [r["id"] for r in rows if r["idempotency_key"] == key]
+    return str(rid)
+
+
+def _read_some(server: Server, body: dict[str, Any], key: str, count: int) -> list[Any]:
+    """Read ``count`` events of a stream, then drop the connection."""
+    got: list[Any] = []
+    headers = {"Idempotency-Key": key}
+    with (
+        server.http() as http,
+        http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        decoder = SSEDecoder()
+        for raw in response.iter_raw():
+            got.extend(decoder.feed(raw))
+            if len(got) >= count:
+                break
+    return got[:count]
+
+
+def test_resume_after_a_drop_continues_where_it_left(server: Server) -> None:
+    key = _key()
+    body = {
+        "model": "scripted",
+        "stream": True,
+        "messages": [{"role": "user", "content": slow(40, 0.02)}],
+    }
+    seen = _read_some(server, body, key, 5)
+    last = seen[-1].id
+    time.sleep(0.3)  # it goes on without us
+    rest = post(server, body, **{"Idempotency-Key": key, "Last-Event-ID": last})
+    after = events(rest.content)
+    assert after[0][0] == str(int(last) + 1) and after[-1][1] == "[DONE]"
+    text = "".join(
+        orjson.loads(d)["choices"][0]["delta"].get("content", "")
+        for d in [e.data for e in seen] + [d for _, d in after[:-1]]
+    )
+    assert text == "".join(f" t{i}" for i in range(40))
+    row = ledger_row(server, httpx_request_id(server, key))
+    assert row["status"] == "completed" and row["completion_tokens"] == 40
+
+
+def test_a_client_that_never_returns_is_cancelled_after_the_grace(server: Server) -> None:
+    key = _key()
+    body = {
+        "model": "scripted",
+        "stream": True,
+        "messages": [{"role": "user", "content": slow(400, 0.02)}],
+    }
+    _read_some(server, body, key, 3)
+    rid = httpx_request_id(server, key)
+    time.sleep(0.8)  # within the grace (1.5 s) it still generates
+    with server.http() as http:
+        assert http.get(f"/admin/requests/{rid}").json()["status"] == "open"
+    row = ledger_row(server, rid, timeout=10)
+    assert row["status"] == "client_disconnected"
+    # Billed for what was generated: more than it read, well short of 400.
+    assert 3 < row["completion_tokens"] < 400
+    # Abandoned, nothing whole was answered: the key is released, a retry generates anew.
+    retry = {**body, "messages": [{"role": "user", "content": slow(3, 0)}]}
+    r = post(server, retry, **{"Idempotency-Key": key})
+    assert r.status_code == 200 and "idempotent-replayed" not in r.headers
+    assert r.headers["x-request-id"] != rid
+
+
+def test_concurrent_duplicates_generate_once(server: Server) -> None:
+    key = _key()
+    body = {
+        "model": "scripted",
+        "stream": True,
+        "messages": [{"role": "user", "content": slow(20, 0.005)}],
+    }
+
+    async def go() -> list[httpx.Response]:
+        headers = {"Authorization": "Bearer sk-test-master", "Idempotency-Key": key}
+        limits = httpx.Limits(max_connections=40)
+        async with httpx.AsyncClient(base_url=server.base, timeout=60, limits=limits) as c:
+            calls = [c.post("/v1/chat/completions", json=body, headers=headers) for _ in range(20)]
+            return list(await asyncio.gather(*calls))
+
+    responses = asyncio.run(go())
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.content for r in responses}) == 1
+    assert len({r.headers["x-request-id"] for r in responses}) == 1
+    assert sum("idempotent-replayed" in r.headers for r in responses) == 19
+    row = ledger_row(server, httpx_request_id(server, key))  # one row: exactly one
+    assert row["replays"] + row["attachments"] == 19 and row["completion_tokens"] == 20
+
+
+@pytest.fixture
+def db_path(server: Server) -> Path:
+    return server.data_dir / "tokenwell.db"
