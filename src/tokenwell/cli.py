@@ -145,6 +145,7 @@ def _run_db(
     config_path: Path | None, data_dir: Path | None, work: Callable[[Any], Awaitable[T]]
 ) -> T:
     from tokenwell.billing.db import Database
+    from tokenwell.billing.keychanges import key_changes
     from tokenwell.billing.keys import KeyHasher, KeyStore
     from tokenwell.server import bootstrap
 
@@ -154,8 +155,16 @@ def _run_db(
         db = Database(settings.database_url)
         try:
             await db.migrate()
-            store = KeyStore(db, KeyHasher(bootstrap.key_secret(settings)), cache_seconds=0)
-            return await work(store)
+            # Changes are published to the running servers' key caches.
+            changes = key_changes(settings.redis.url, db.sqlite_path)
+            store = KeyStore(
+                db, KeyHasher(bootstrap.key_secret(settings)), cache_seconds=0, changes=changes
+            )
+            try:
+                return await work(store)
+            finally:
+                if changes is not None:
+                    await changes.close()
         finally:
             await db.close()
 

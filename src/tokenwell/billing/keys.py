@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import insert, select, update
 
 from tokenwell.billing.db import Database, api_keys
+from tokenwell.billing.keychanges import KeyChanges
 from tokenwell.billing.money import nanos_to_usd, usd_to_nanos
 from tokenwell.errors import InvalidRequest, NotFound
 from tokenwell.protocol.validation import first_error
@@ -214,13 +215,22 @@ class KeyStore:
 
     The cache only speeds up authentication; whether a key is revoked, expired
     or over budget is checked again, atomically, when the request's ledger row
-    is written, so a revoked key is refused at once on every replica.
+    is written, so a revoked key is refused at once on every replica. Every
+    other change (models, limits) reaches every replica's cache at once through
+    ``changes`` (see ``billing.keychanges``): published after it commits.
     """
 
-    def __init__(self, db: Database, hasher: KeyHasher, cache_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        hasher: KeyHasher,
+        cache_seconds: float = 2.0,
+        changes: KeyChanges | None = None,
+    ) -> None:
         self.db = db
         self.hasher = hasher
         self.cache_seconds = cache_seconds
+        self.changes = changes
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         self._loading: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._forgotten: dict[str, float] = {}
@@ -263,7 +273,7 @@ class KeyStore:
             if result.rowcount == 0:
                 raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
         record = await self.get(key_id)
-        self._drop(record.key_hash)
+        await self._changed(record.key_hash)
         return record
 
     async def revoke(self, key_id: str) -> KeyRecord:
@@ -276,8 +286,30 @@ class KeyStore:
         record = await self.get(key_id)  # NotFound for an unknown id
         if result.rowcount == 0 and record.revoked_at is None:  # pragma: no cover - raced
             raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
-        self._drop(record.key_hash)
+        await self._changed(record.key_hash)
         return record
+
+    def listen(self) -> None:
+        """Drop keys changed by other processes as they change (on the event loop)."""
+        if self.changes is not None:
+            self.changes.start(self._drop_changed)
+
+    async def _changed(self, digest: str) -> None:
+        self._drop(digest)
+        if self.changes is not None:
+            await self.changes.publish(digest)
+
+    def _drop_changed(self, digest: str | None) -> None:
+        if digest is None:
+            now = time.monotonic()
+            for known in list(self._cache):
+                self._forgotten[known] = now
+            self._cache.clear()
+            # Loads that began before now must not cache what they read either.
+            for loading in self._loading:
+                self._forgotten[loading] = now
+        else:
+            self._drop(digest)
 
     async def lookup(self, secret: str) -> KeyRecord | None:
         return await self.lookup_hash(self.hasher.hash(secret))
@@ -292,6 +324,11 @@ class KeyStore:
         speeds up authentication, and revocation, expiry and budget are
         checked again when the ledger row is written.
         """
+        changes = self.changes
+        if changes is not None:
+            changes.poll()
+            if not changes.live:  # changes would not reach the cache: do not use it
+                return await asyncio.shield(self._loading.get(digest) or self._refresh(digest))
         hit = self._cache.get(digest)
         if hit is not None:
             age = time.monotonic() - hit[0]

@@ -23,6 +23,7 @@ from tokenwell.billing.accounting import Accounting
 from tokenwell.billing.db import Database
 from tokenwell.billing.idempotency import IdempotencyStore
 from tokenwell.billing.journal import Journal
+from tokenwell.billing.keychanges import key_changes
 from tokenwell.billing.keys import KeyHasher, KeyStore
 from tokenwell.billing.ledger import Ledger
 from tokenwell.billing.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
@@ -107,10 +108,12 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
     journal: Journal | None = None
     idempotency: IdempotencyService | None = None
     loading: list[asyncio.Task[None]] = []
+    changes = key_changes(settings.redis.url, db.sqlite_path)
     try:
         await db.migrate()
         await ledger.start()
-        keys = KeyStore(db, hasher)
+        keys = KeyStore(db, hasher, changes=changes)
+        keys.listen()  # keys changed elsewhere leave the cache at once
         prices = {m.name: m.price for m in settings.models}
         for engine in engines:
             prices.setdefault(engine.model_id, engine.config.price)
@@ -180,6 +183,8 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
         if journal is not None:
             journal.close()
         await limiter.close()
+        if changes is not None:
+            await changes.close()
         await db.close()
         instance.release()
 
