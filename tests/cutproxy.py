@@ -56,8 +56,18 @@ class CuttingProxy:
 
     def stop(self) -> None:
         if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+            self._loop.close()
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def __enter__(self) -> CuttingProxy:
         return self.start()
@@ -100,11 +110,14 @@ class CuttingProxy:
             return
         upstream = asyncio.ensure_future(self._pump(client_r, up_w))
         downstream = asyncio.ensure_future(self._down(up_r, client_w, plan))
-        await asyncio.wait([upstream, downstream], return_when=asyncio.FIRST_COMPLETED)
-        for task in (upstream, downstream):
-            task.cancel()
-        client_w.transport.abort()
-        up_w.transport.abort()
+        try:
+            await asyncio.wait([upstream, downstream], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (upstream, downstream):
+                task.cancel()
+            await asyncio.gather(upstream, downstream, return_exceptions=True)
+            client_w.transport.abort()
+            up_w.transport.abort()
 
     @staticmethod
     async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
