@@ -79,10 +79,17 @@ class IdempotencyStore:
             "created_at": now,
             "expires_at": now + self.ttl,
         }
-        statement = self._insert(idempotency_keys).values(values).on_conflict_do_nothing()
+        # RETURNING says whether the row went in (rowcount is not reliable for
+        # ON CONFLICT DO NOTHING through every driver).
+        statement = (
+            self._insert(idempotency_keys)
+            .values(values)
+            .on_conflict_do_nothing()
+            .returning(_t.request_id)
+        )
         for _ in range(5):
             async with self.db.engine.begin() as conn:
-                if (await conn.execute(statement)).rowcount == 1:
+                if (await conn.execute(statement)).first() is not None:
                     return None
                 row = (
                     await conn.execute(
@@ -99,7 +106,7 @@ class IdempotencyStore:
                         _t.expires_at <= now
                     )
                 )
-                if (await conn.execute(statement)).rowcount == 1:
+                if (await conn.execute(statement)).first() is not None:
                     return None
         raise RuntimeError(f"could not claim idempotency key for {key_id}")
 

@@ -372,13 +372,53 @@ class LogReader:
                 task.cancel()
                 return
 
+    async def _switch(self) -> bool:
+        """The log moved (finished, from Redis to the database): read it there."""
+        view = await self.reopen() if self.reopen is not None else None
+        if view is None:
+            return False
+        self.view.detach()
+        self.view = view
+        view.attach()
+        return True
+
     async def _serve(self, send: Send) -> None:
-        status, headers, is_sse = await self.view.head()
+        while True:
+            try:
+                status, headers, is_sse = await self.view.head()
+                break
+            except LogGone:
+                if not await self._switch():
+                    body = orjson.dumps(
+                        {
+                            "error": {
+                                "message": "The request's result is no longer available.",
+                                "type": "server_error",
+                                "param": None,
+                                "code": "interrupted",
+                            }
+                        }
+                    )
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 503,
+                            "headers": [(b"content-type", b"application/json")],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body})
+                    return
         headers = list(headers)
         if self.replayed:
             headers.append((b"idempotent-replayed", b"true"))
         if not is_sse:
-            body = await self.view.body()
+            while True:
+                try:
+                    body = await self.view.body()
+                    break
+                except LogGone:
+                    if not await self._switch():
+                        raise
             headers.append((b"content-length", str(len(body)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -388,13 +428,9 @@ class LogReader:
             try:
                 events, done = await self.view.read(self.next, self.keepalive)
             except LogGone:
-                view = await self.reopen() if self.reopen is not None else None
-                if view is None:
+                if not await self._switch():
                     await self._end(send, "The request's event log is no longer available.")
                     return
-                self.view.detach()
-                self.view = view
-                view.attach()
                 continue
             except ProducerGone:
                 await self._end(
@@ -577,20 +613,22 @@ class RemoteLog:
             await asyncio.sleep(self.POLL)
 
     async def read(self, start: int, timeout: float) -> tuple[list[bytes], bool]:
-        client = self.logs.client
         deadline = time.monotonic() + timeout
         while True:
-            meta = await self._meta()
+            # One snapshot (MULTI): the list as it was when ``done`` was read. The
+            # keys may be deleted the moment the result is in the database.
+            pipe = self.logs.client.pipeline(transaction=True)
+            pipe.hgetall(self._k(self.request_id, "m"))
+            pipe.lrange(self._k(self.request_id, "e"), 0, -1)
+            meta, events = await pipe.execute()
+            if not meta:
+                raise LogGone(self.request_id)
             first = int(meta.get(b"first", 0))
             if start < first:
                 raise Truncated(f"events before {first} are no longer held")
-            events: list[bytes] = await client.lrange(
-                self._k(self.request_id, "e"), start - first, -1
-            )
+            events = events[start - first :]
             done = meta.get(b"done") == b"1"
             if events or done:
-                # ``done`` is set after the last RPUSH: read before the list, it
-                # means the list read after it is complete.
                 return events, done
             await self._check_alive(meta)
             if time.monotonic() >= deadline:
