@@ -100,8 +100,19 @@ async def run_load(
     concurrency: int,
     seconds: float,
     warmup: float = 1.0,
+    unique_header: str | None = None,
 ) -> LoadResult:
+    """``unique_header``: a header sent with a new value on every request (an Idempotency-Key)."""
     host, port, raw = _request(url, body, headers or {})
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    counter = iter(range(1 << 62))
+    run = f"{unique_header}: {time.time_ns():x}-".encode() if unique_header else b""
+
+    def next_request() -> bytes:
+        if not unique_header:
+            return raw
+        return b"%s\r\n%s%d\r\n\r\n%s" % (head, run, next(counter), payload)
+
     result = LoadResult()
     measuring = asyncio.Event()
     deadline = time.perf_counter() + warmup + seconds
@@ -112,7 +123,7 @@ async def run_load(
             while time.perf_counter() < deadline:
                 start = time.perf_counter()
                 try:
-                    ok, ttft, keep = await _one(reader, writer, raw, start)
+                    ok, ttft, keep = await _one(reader, writer, next_request(), start)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     ok, ttft, keep = False, None, False
                 if measuring.is_set() and time.perf_counter() < deadline:
