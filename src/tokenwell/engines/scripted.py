@@ -57,6 +57,8 @@ class ScriptedSettings(BaseModel):
     reply_tokens: int | None = Field(default=None, ge=0)
     delay: float = Field(default=0.0, ge=0)
     prefill_delay: float = Field(default=0.0, ge=0)
+    # Seconds start() takes, as loading a real model does.
+    start_delay: float = Field(default=0.0, ge=0)
     context: int = Field(default=8192, ge=16)
     parallel: int = Field(default=256, ge=1)
     max_queue: int = Field(default=1024, ge=0)
@@ -106,6 +108,8 @@ class ScriptedEngine(Engine):
         self.generated = 0
 
     async def start(self) -> None:
+        if self.settings.start_delay:
+            await asyncio.sleep(self.settings.start_delay)
         self._ready = True
 
     async def stop(self) -> None:

@@ -12,7 +12,8 @@ from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
 from tokenwell.engines.llamacpp.model import Model, builtin_model_path
 from tokenwell.engines.llamacpp.prompt import render_prompt
 from tokenwell.engines.llamacpp.sampling import SamplingParams, check_grammar, seed32
-from tokenwell.engines.llamacpp.scheduler import Job, Scheduler
+from tokenwell.engines.llamacpp.scheduler import Job, Scheduler, exit_process
+from tokenwell.engines.llamacpp.selftest import verify
 from tokenwell.engines.llamacpp.settings import parse_settings
 from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 from tokenwell.protocol.events import Meter
@@ -33,8 +34,13 @@ class LlamaCppEngine(Engine):
         self._created = int(time.time())
 
     async def start(self) -> None:
+        if self.settings.self_test:
+            # Raises EngineUnusable (cause and fix) if this build cannot run here.
+            await asyncio.to_thread(verify, self.path)
         self.model = await asyncio.to_thread(Model, self.path)
-        scheduler = Scheduler(self.model, self.settings, asyncio.get_running_loop())
+        scheduler = Scheduler(
+            self.model, self.settings, asyncio.get_running_loop(), on_fatal=exit_process
+        )
         await asyncio.to_thread(scheduler.start)
         self.scheduler = scheduler
         log.info(

@@ -20,14 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llama_cpp import llama_cpp as L
 
+from tokenwell import faults
 from tokenwell.engines.base import Generation
 from tokenwell.engines.llamacpp.model import Model
 from tokenwell.engines.llamacpp.sampling import (
@@ -40,6 +44,7 @@ from tokenwell.engines.llamacpp.sampling import (
 from tokenwell.engines.llamacpp.settings import LlamaCppSettings
 from tokenwell.engines.llamacpp.toolcalls import ToolCallParser
 from tokenwell.engines.text import TextAssembler
+from tokenwell.errors import Overloaded
 from tokenwell.protocol.events import Event, Failed, Finish, TextDelta
 
 log = logging.getLogger(__name__)
@@ -112,8 +117,12 @@ class Scheduler:
         model: Model,
         settings: LlamaCppSettings,
         loop: asyncio.AbstractEventLoop,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.model = model
+        # Called on the scheduler thread if it dies of an unexpected error.
+        self.on_fatal = on_fatal
+        self.dead: BaseException | None = None
         self.settings = settings
         self.loop = loop
         self.slots = [Slot(i) for i in range(settings.parallel)]
@@ -163,6 +172,11 @@ class Scheduler:
         return self.submitted - self.admitted
 
     def submit(self, job: Job) -> None:
+        if self.dead is not None:
+            raise Overloaded(
+                "The model's decode thread has stopped; this server cannot generate.",
+                code="engine_unavailable",
+            )
         job.generation.on_cancel(lambda: self.cancel(job))
         self.submitted += 1
         with self._wake:
@@ -193,7 +207,16 @@ class Scheduler:
                         break
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
+                faults.hit("decode-loop")
                 self._step()
+        except BaseException as exc:
+            # A bug, not a request's failure (those are caught per step): no
+            # request can be served any more. Never leave a server that accepts
+            # connections and answers nothing.
+            self.dead = exc
+            log.critical("the llama.cpp scheduler thread died", exc_info=exc)
+            if self.on_fatal is not None:
+                self.on_fatal(exc)
         finally:
             self._shutdown()
 
@@ -518,6 +541,18 @@ class Scheduler:
                 seq.slot.tokens.clear()
         self._prefilling.clear()
         self._running.clear()
+
+
+def exit_process(exc: BaseException) -> None:
+    """End the whole server, loudly: requests still open are closed, with their
+    usage, by the ledger's crash recovery at the next start (as after kill -9)."""
+    sys.stderr.write(
+        f"tokenwell: FATAL: the llama.cpp scheduler thread died ({exc!r}); exiting with "
+        "status 70 so that a supervisor restarts the server. Requests in flight are "
+        "closed by crash recovery at the next start.\n"
+    )
+    sys.stderr.flush()
+    os._exit(70)
 
 
 def _tuple(items: list[dict[str, Any]] | None) -> tuple[dict[str, Any], ...] | None:

@@ -28,6 +28,9 @@ class LlamaCppSettings(BaseModel):
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     # All slots share one KV pool (better for shared prefixes) or each has its own.
     kv_unified: bool = False
+    # Before serving, prove in a child process that this build can decode on
+    # this CPU (engines/llamacpp/selftest.py); off only to save a second.
+    self_test: bool = True
 
 
 def parse_settings(model: str, options: dict[str, object]) -> LlamaCppSettings:
