@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import sys
@@ -75,14 +76,22 @@ def serve(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    app = create_app(settings)
+    # A native crash (SIGSEGV, SIGILL, ...) prints where it happened, never nothing.
+    faulthandler.enable()
+    fatal: list[str] = []
+
+    def on_fatal(message: str) -> None:
+        fatal.append(message)
+        server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.drain_seconds,
         loop="uvloop",
         # httptools, with time limits on headers, body and slow readers.
         http=protocol_class(settings.http),
@@ -104,6 +113,9 @@ def serve(
         uvloop.run(run())
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if fatal:
+        console.print(f"[bold red]tokenwell cannot serve[/]: {fatal[0]}", highlight=False)
+        sys.exit(3)
     if not server.started:
         sys.exit(1)
 

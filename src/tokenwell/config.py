@@ -130,6 +130,12 @@ class Settings(BaseModel):
     data_dir: Path = Path("~/.local/share/tokenwell")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     keepalive_seconds: float = Field(default=5.0, gt=0)
+    # On SIGTERM, streams in flight may finish for this long; past it they end
+    # with an error event and [DONE], and close as `interrupted` with their usage.
+    drain_seconds: float = Field(default=10.0, ge=0)
+    # A request for a model that is still loading waits this long for it
+    # (streams send `: keep-alive` comments meanwhile) before a 503.
+    model_load_wait_seconds: float = Field(default=120.0, ge=0)
     # Record every request in the ledger and enforce budgets and limits. Off
     # only for benchmarks or trusted internal use: nothing is billed then.
     metering: bool = True

@@ -5,6 +5,7 @@ into the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``.
 
     TokenwellError
     ├── ConfigError                 bad configuration, raised at start-up
+    ├── EngineUnusable              an engine cannot run on this machine (start-up self-test)
     └── APIError                    anything a client can be told about
         ├── InvalidRequest          400 invalid_request_error
         │   └── ContextLengthExceeded   400 code=context_length_exceeded
@@ -33,6 +34,10 @@ class TokenwellError(Exception):
 
 class ConfigError(TokenwellError):
     """The configuration cannot be used; raised before serving starts."""
+
+
+class EngineUnusable(TokenwellError):
+    """An engine cannot run on this machine; the message names the cause and the fix."""
 
 
 class APIError(TokenwellError):

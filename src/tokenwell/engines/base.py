@@ -204,6 +204,8 @@ class Engine(ABC):
     """A served model. Subclasses register under ``tokenwell.engines`` entry points."""
 
     kind: ClassVar[str]
+    # Why ``start()`` failed, once it has (set by the app); None while loading or ready.
+    start_error: str | None = None
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config

@@ -33,6 +33,7 @@ from tokenwell.server.idempotent import (
     parse_idempotency_key,
     parse_last_event_id,
 )
+from tokenwell.server.loading import LoadingStream, wait_until_ready
 from tokenwell.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ChatService:
         keepalive_seconds: float,
         policy: ContentPolicy | None = None,
         idempotency: IdempotencyService | None = None,
+        model_load_wait: float = 0.0,
         http: HTTPConfig | None = None,
     ) -> None:
         self.models = models
@@ -77,6 +79,7 @@ class ChatService:
         self.keepalive_seconds = keepalive_seconds
         self.policy = policy
         self.idempotency = idempotency
+        self.model_load_wait = model_load_wait
         self.http = http or HTTPConfig()
 
     async def create(self, request: Request) -> ASGIApp:
@@ -97,16 +100,25 @@ class ChatService:
         self.accounting.authorize(key, chat.model)
         if self.policy is not None:
             self.policy.check_input(chat)
-        if idempotency_key is not None and self.idempotency is not None:
-            return await self.idempotency.respond(
-                key,
-                idempotency_key,
-                body,
-                chat.stream,
-                last_event_id,
-                partial(self._generate, key, chat, engine, started),
-            )
-        return await self._generate(key, chat, engine, started)
+
+        async def respond() -> ASGIApp:
+            if idempotency_key is not None and self.idempotency is not None:
+                return await self.idempotency.respond(
+                    key,
+                    idempotency_key,
+                    body,
+                    chat.stream,
+                    last_event_id,
+                    partial(self._generate, key, chat, engine, started),
+                )
+            return await self._generate(key, chat, engine, started)
+
+        if not engine.ready:
+            # Still loading: wait for it rather than answer a 503 (server/loading.py).
+            if chat.stream:
+                return LoadingStream(engine, self.model_load_wait, self.keepalive_seconds, respond)
+            await wait_until_ready(engine, self.model_load_wait)
+        return await respond()
 
     async def _generate(
         self,

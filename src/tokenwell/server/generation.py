@@ -88,6 +88,8 @@ class GenerationResponse:
         self.headers = headers or {}
         self.outcome = Outcome("completed", started_at or time.perf_counter())
         self.disconnected = False
+        self.interrupted = False
+        self._response_started = False
         self._finished = False
         self._settled = asyncio.Event()
         self.filter = output_filter
@@ -118,12 +120,16 @@ class GenerationResponse:
         except OSError:
             self._client_gone()
         except asyncio.CancelledError:
-            # The server is going down under us: stop generating, bill what was made.
+            # The server is going down and its drain time is over: stop
+            # generating, bill what was made as `interrupted`, and end the
+            # response properly below (no cut stream, no traceback).
+            self.interrupted = True
             self.generation.cancel()
-            raise
         finally:
             watcher.cancel()
             await asyncio.shield(self._finish())
+        if self.interrupted and not self.disconnected:
+            await self._send_interrupted(send)
 
     @property
     def _complete(self) -> bool:
@@ -196,6 +202,8 @@ class GenerationResponse:
         outcome.first_token_at = gen.first_token_at
         if self.filter is not None and self.filter.filtered:
             outcome.status = "content_filter"
+        elif self.interrupted or (gen.failure is not None and gen.failure.code == "shutting_down"):
+            outcome.status = "interrupted"
         elif gen.failure is not None:
             outcome.status = (
                 "upstream_error" if gen.failure.status == "upstream_error" else "engine_error"
@@ -267,7 +275,21 @@ class GenerationResponse:
             tail = b""
         await send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
 
+    async def _send_interrupted(self, send: Send) -> None:
+        """End a response cut by shutdown: an error event and [DONE], or a 503."""
+        message = "The server is shutting down; the generation was interrupted."
+        try:
+            async with asyncio.timeout(1):
+                if self._response_started and self.stream:
+                    tail = StreamRenderer.error(message, "interrupted") + sse.DONE
+                    await send({"type": "http.response.body", "body": tail, "more_body": False})
+                elif not self._response_started:
+                    await self._send_error(send, Failed(message, "interrupted", http_status=503))
+        except (OSError, TimeoutError, RuntimeError):
+            pass  # the client is gone or the connection is closing: nothing to tell
+
     async def _start_stream(self, send: Send) -> None:
+        self._response_started = True
         await send(
             {
                 "type": "http.response.start",
@@ -291,6 +313,7 @@ class GenerationResponse:
                 }
             }
         )
+        self._response_started = True
         await send(
             {
                 "type": "http.response.start",
@@ -327,6 +350,7 @@ class GenerationResponse:
             await self._send_error(send, gen.failure or _interrupted())
             return
         body = orjson.dumps(builder.build(gen.meter))
+        self._response_started = True
         await send(
             {
                 "type": "http.response.start",
