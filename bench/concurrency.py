@@ -7,7 +7,9 @@ so every stream makes exactly --tokens tokens.
 
 Peers (set up by ``bench/peers.py``, never committed):
 - llama.cpp's ``llama-server --parallel 16``, built from the llama-cpp-python
-  sdist's vendor/llama.cpp;
+  sdist's vendor/llama.cpp with tokenwell's own ggml flags;
+- ``tokenwell-native``: tokenwell itself on pip's native (-march=native)
+  build of llama-cpp-python, against which the portable build is measured;
 - ``python -m llama_cpp.server`` (llama-cpp-python's own server), with
   ``--interrupt_requests False``: by default it cuts a running stream short
   whenever another request arrives.
@@ -50,10 +52,14 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
     from tokenwell.engines.llamacpp.model import builtin_model_path
 
     gguf = str(builtin_model_path())
-    if name == "tokenwell":
+    if name in ("tokenwell", "tokenwell-native"):
+        # tokenwell-native: the same server on pip's native build of llama.cpp
+        # (bench/peers.py), to show what the portable build costs.
+        env = {"PYTHONPATH": str(peers.native_site())} if name == "tokenwell-native" else None
         proc = tokenwell(
             f'[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
-            f"context = {CONTEXT}\nthreads = {threads}\n"
+            f"context = {CONTEXT}\nthreads = {threads}\n",
+            env=env,
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}, MODEL
     port = free_port()
@@ -212,6 +218,13 @@ def main() -> None:
                 f"{ours['streams']:>2} streams: tokenwell/llama-server throughput "
                 f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
                 f"p99 TTFT {ours['ttft_p99_ms'] / theirs['ttft_p99_ms']:.2f}x"
+            )
+    if "tokenwell" in results and "tokenwell-native" in results:
+        for ours, native in zip(results["tokenwell"], results["tokenwell-native"], strict=True):
+            print(
+                f"{ours['streams']:>2} streams: portable/native build throughput "
+                f"{ours['tokens_per_s'] / native['tokens_per_s']:.3f}x, "
+                f"p50 TTFT {ours['ttft_p50_ms'] / native['ttft_p50_ms']:.2f}x"
             )
     if "tokenwell" in results and "llama-cpp-server" in results:
         for ours, theirs in zip(results["tokenwell"], results["llama-cpp-server"], strict=True):

@@ -6,8 +6,14 @@
 - ``python -m llama_cpp.server``: llama-cpp-python's own server (its
   ``[server]`` extra, installed into the benchmark's virtualenv).
 - the LiteLLM proxy (``litellm[proxy]``), for the gateway benchmark.
+- a *native* llama-cpp-python (``-march=native``, pip's default build) in a
+  folder of its own, put ahead of tokenwell's portable build on PYTHONPATH:
+  what the portable build is compared with (never installed into .venv).
 
-    python -m bench.peers llama-server | llama-cpp-server | litellm
+llama-server is built with the same ggml flags as tokenwell's own build
+(tools/build_llama.py), so the two compare serving, not compilers.
+
+    python -m bench.peers llama-server | llama-cpp-server | litellm | native
 """
 
 from __future__ import annotations
@@ -36,8 +42,19 @@ def venv(name: str, *requirements: str) -> Path:
     return python
 
 
+def _project_flags() -> tuple[list[str], str]:
+    """tokenwell's own ggml flags for this machine and their build id."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import build_llama
+
+    config = build_llama.configuration()
+    return [a for a in config["cmake_args"] if a.startswith("-DGGML_")], config["build_id"]
+
+
 def llama_server() -> Path:
-    binary = BUILD / "llama.cpp" / "build" / "bin" / "llama-server"
+    flags, build_id = _project_flags()
+    build_dir = BUILD / "llama.cpp" / f"build-{build_id}"
+    binary = build_dir / "bin" / "llama-server"
     if binary.exists():
         return binary
     version = importlib.metadata.version("llama-cpp-python")
@@ -77,7 +94,8 @@ def llama_server() -> Path:
             "-S",
             str(source),
             "-B",
-            str(source / "build"),
+            str(build_dir),
+            *flags,
             "-DCMAKE_BUILD_TYPE=Release",
             "-DLLAMA_CURL=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
@@ -88,10 +106,37 @@ def llama_server() -> Path:
         check=True,
     )
     subprocess.run(
-        ["cmake", "--build", str(source / "build"), "--target", "llama-server", "-j", jobs],
+        ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
         check=True,
     )
     return binary
+
+
+def native_site() -> Path:
+    """A folder holding llama-cpp-python built natively (-march=native, AMX as the CPU
+    reports it): put it first on PYTHONPATH to run tokenwell on that build."""
+    version = importlib.metadata.version("llama-cpp-python")
+    site = BUILD / f"native-{version}"
+    if (site / "llama_cpp" / "lib" / "libggml-cpu.so").exists():
+        return site
+    wheels = BUILD / f"native-wheel-{version}"
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-cache-dir",
+            "--no-binary", "llama-cpp-python", f"llama-cpp-python=={version}", "-w", str(wheels),
+        ],
+        env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"},
+        check=True,
+    )  # fmt: skip
+    wheel = next(wheels.glob("llama_cpp_python-*.whl"))
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+            "--target", str(site), str(wheel),
+        ],
+        check=True,
+    )  # fmt: skip
+    return site
 
 
 def llama_cpp_server() -> Path:
@@ -113,3 +158,5 @@ if __name__ == "__main__":
         print(llama_cpp_server())
     if what in ("litellm", "all"):
         print(litellm())
+    if what in ("native", "all"):
+        print(native_site())

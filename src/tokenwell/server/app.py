@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from tokenwell.billing.ratelimit import LocalRateLimiter, RateLimiter, RedisRate
 from tokenwell.config import Settings
 from tokenwell.engines.base import Engine
 from tokenwell.engines.registry import create_engine
-from tokenwell.errors import APIError, ClientDisconnected
+from tokenwell.errors import APIError, ClientDisconnected, ConfigError, EngineUnusable
 from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
@@ -54,14 +54,25 @@ class Services:
     master_key_file: Path | None = None
     recovered: int = 0
     engine_errors: dict[str, str] = field(default_factory=dict)
+    # Called once if no model at all can be served (every engine failed to start).
+    on_fatal: Callable[[str], None] | None = None
 
 
-def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starlette:
-    """The app for ``settings``; ``engines`` replaces the configured ones (tests, embedding)."""
+def create_app(
+    settings: Settings,
+    engines: list[Engine] | None = None,
+    *,
+    on_fatal: Callable[[str], None] | None = None,
+) -> Starlette:
+    """The app for ``settings``; ``engines`` replaces the configured ones (tests, embedding).
+
+    ``on_fatal(message)`` is called if every model fails to start (``tokenwell
+    serve`` then exits non-zero); with several models, the others keep serving.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with _running(settings, engines) as services:
+        async with _running(settings, engines, on_fatal) as services:
             app.state.services = services
             yield
 
@@ -95,7 +106,11 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
 
 
 @contextlib.asynccontextmanager
-async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIterator[Services]:
+async def _running(
+    settings: Settings,
+    engines: list[Engine] | None,
+    on_fatal: Callable[[str], None] | None = None,
+) -> AsyncIterator[Services]:
     instance = bootstrap.claim_instance(settings)
     master, master_file = bootstrap.master_key(settings)
     hasher = KeyHasher(bootstrap.key_secret(settings))
@@ -153,6 +168,7 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
                 metrics,
                 max_body_bytes=settings.max_body_bytes,
                 keepalive_seconds=settings.keepalive_seconds,
+                model_load_wait=settings.model_load_wait_seconds,
                 policy=ContentPolicy(settings.content_filter) if settings.content_filter else None,
                 idempotency=idempotency,
                 http=settings.http,
@@ -160,6 +176,7 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
             metrics=metrics,
             master_key_file=master_file,
             recovered=recovered,
+            on_fatal=on_fatal,
         )
         for engine in engines:
             loading.append(asyncio.create_task(_start(engine, services)))
@@ -192,6 +209,18 @@ async def _running(settings: Settings, engines: list[Engine] | None) -> AsyncIte
 async def _start(engine: Engine, services: Services) -> None:
     try:
         await engine.start()
+    except (EngineUnusable, ConfigError) as exc:
+        # Expected failures carry their cause and fix: no traceback.
+        log.error("model %s cannot be served: %s", engine.model_id, exc)
+        engine.start_error = services.engine_errors[engine.model_id] = str(exc)
     except Exception as exc:
         log.exception("model %s failed to start", engine.model_id)
-        services.engine_errors[engine.model_id] = str(exc)
+        engine.start_error = services.engine_errors[engine.model_id] = str(exc)
+    else:
+        return
+    served = {e.model_id for e in services.models}
+    if served <= services.engine_errors.keys() and services.on_fatal is not None:
+        services.on_fatal(
+            "no model can be served:\n"
+            + "\n".join(f"  {m}: {services.engine_errors[m]}" for m in sorted(served))
+        )
