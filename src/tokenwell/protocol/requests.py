@@ -17,9 +17,14 @@ from annotated_types import MaxLen
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenwell.errors import InvalidRequest
+from tokenwell.protocol.schemas import check_schema_shape
 from tokenwell.protocol.validation import first_error, json_type_name, one_of
 
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# A logit_bias key: a token id in ASCII digits (str.isdigit() also takes "²", which
+# int() refuses), below 2**31 (llama.cpp's token ids are 32-bit).
+TOKEN_ID = re.compile(r"[0-9]{1,10}")
+MAX_TOKEN_ID = 2**31 - 1
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -213,6 +218,9 @@ def validate_chat_request(data: dict[str, Any]) -> ChatRequest:
     logit_bias = _logit_bias(body.logit_bias)
     messages = _messages(body.messages)
     tools = tuple(body.tools or ())
+    for i, tool in enumerate(tools):
+        if tool.function.parameters is not None:
+            check_schema_shape(tool.function.parameters, f"tools.[{i}].function.parameters")
     tool_choice = _tool_choice(body.tool_choice, tools)
     _response_format(body.response_format)
 
@@ -260,9 +268,10 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit():
+        if TOKEN_ID.fullmatch(key) is None or int(key) > MAX_TOKEN_ID:
             raise InvalidRequest(
-                f"Invalid 'logit_bias': keys must be token ids as strings, got {key!r}.",
+                "Invalid 'logit_bias': keys must be token ids as strings of ASCII digits "
+                f"(0 to {MAX_TOKEN_ID}), got {key[:40]!r}.",
                 param="logit_bias",
                 code="invalid_value",
             )
@@ -311,6 +320,8 @@ def _response_format(fmt: ResponseFormat | None) -> None:
             param="response_format.json_schema",
             code="invalid_value",
         )
+    if fmt.json_schema is not None and fmt.json_schema.schema_ is not None:
+        check_schema_shape(fmt.json_schema.schema_, "response_format.json_schema.schema")
 
 
 # ---------------------------------------------------------------- messages
