@@ -11,14 +11,24 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
+import re
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 from sqlalchemy import insert, select, update
 
 from tokenwell.billing.db import Database, api_keys
@@ -34,6 +44,16 @@ KEY_PREFIX = "tw-"
 # while it is re-read in the background.
 _STALE_FACTOR = 5
 MASTER_ID = "master"
+
+# What a key's fields may hold: what the database columns and the money type can.
+# rpm/tpm are INTEGER columns (32-bit in PostgreSQL); a budget is BIGINT nano-dollars
+# (9.2e9 USD at most), capped lower so that spend and reservations added to it
+# stay far inside 64 bits.
+MAX_RATE = 2**31 - 1
+MAX_BUDGET_USD = Decimal(1_000_000_000)
+# Expiry dates, in UTC: from the epoch to the year before datetime's last.
+MIN_YEAR, MAX_YEAR = 1970, 9998
+_DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
 
 
 def new_secret() -> str:
@@ -112,7 +132,13 @@ MASTER = KeyRecord(id=MASTER_ID, name="master", prefix="master")
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+    if ts is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat()
+    except (ValueError, OverflowError, OSError):
+        # A row stored before dates were range-checked: shown clamped, never a 500.
+        return (datetime.min if ts < 0 else datetime.max).replace(tzinfo=UTC).isoformat()
 
 
 def parse_when(value: str | datetime | date | None) -> float | None:
@@ -129,20 +155,54 @@ def parse_when(value: str | datetime | date | None) -> float | None:
         value = datetime(value.year, value.month, value.day)
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError as exc:
+        raise ValueError(f"the date must be in the years {MIN_YEAR} to {MAX_YEAR} (UTC)") from exc
+    if not MIN_YEAR <= value.year <= MAX_YEAR:
+        raise ValueError(f"the date must be in the years {MIN_YEAR} to {MAX_YEAR} (UTC)")
     return value.timestamp()
 
 
 class KeyFields(BaseModel):
     """What a client may set on a key (``POST``/``PATCH /admin/keys``, the CLI)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    # Strict: "60" is not a number of requests. A budget may be a number or a
+    # decimal string ("5.25"), as the API answers it.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
-    budget_usd: Decimal | None = Field(default=None, ge=0, max_digits=21, decimal_places=9)
-    rpm: int | None = Field(default=None, ge=1)
-    tpm: int | None = Field(default=None, ge=1)
-    models: list[str] | None = None
-    expires_at: str | datetime | None = None
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    budget_usd: Decimal | None = Field(
+        default=None, ge=0, le=MAX_BUDGET_USD, max_digits=21, decimal_places=9
+    )
+    rpm: StrictInt | None = Field(default=None, ge=1, le=MAX_RATE)
+    tpm: StrictInt | None = Field(default=None, ge=1, le=MAX_RATE)
+    models: list[Annotated[StrictStr, Field(max_length=200)]] | None = Field(
+        default=None, max_length=1000
+    )
+    expires_at: StrictStr | datetime | None = None
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _expires_type(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("expected an ISO date or datetime string")
+        return value
+
+    @field_validator("budget_usd", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> Any:
+        if value is None or isinstance(value, Decimal):
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("expected a number or a decimal string")
+        if isinstance(value, str):
+            if _DECIMAL.fullmatch(value.strip()) is None:
+                raise ValueError(f"expected a decimal amount in USD, got {value[:40]!r}")
+            return Decimal(value.strip())
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("expected a finite number")
+        return Decimal(str(value))
 
     @field_validator("models")
     @classmethod
