@@ -105,6 +105,8 @@ class HTTPConfig(BaseModel):
     # A request's headers must arrive within this many seconds of the connection
     # opening (or of the request's first byte on a kept-alive connection).
     header_timeout: float = Field(default=10.0, gt=0)
+    # The most bytes a request's URL and headers may take (a 431 past it).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     # Its body, within this many seconds of the end of its headers.
     body_timeout: float = Field(default=60.0, gt=0)
     # A kept-alive connection with no request is closed after this many seconds.

@@ -9,6 +9,7 @@ generated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
@@ -220,6 +221,21 @@ def test_an_idle_kept_alive_connection_is_closed(server: Server) -> None:
         assert status == 200
         _, got = _closed_within(sock, 1.0 + SLACK)
     assert got == b""
+
+
+def test_requests_the_parser_refuses_get_a_4xx_in_the_error_shape(server: Server) -> None:
+    for status, request in (
+        (431, b"GET /health HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"),
+        (431, b"GET /health?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: test\r\n\r\n"),
+        (400, b"NOT HTTP AT ALL\r\n\r\n"),
+    ):
+        with _connect(server) as sock:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(request)
+            _, got = _closed_within(sock, 5)
+        assert got.startswith(f"HTTP/1.1 {status} ".encode()), got[:200]
+        body = json.loads(got.partition(b"\r\n\r\n")[2])
+        assert set(body["error"]) == {"message", "type", "param", "code"}
 
 
 # ---------------------------------------------------------------- slow readers

@@ -37,7 +37,7 @@ from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_error
 from tokenwell.server.idempotent import IdempotencyService
 from tokenwell.server.metrics import Metrics
-from tokenwell.server.routes import admin, chat, health, models, usage
+from tokenwell.server.routes import admin, chat, health, models, openapi, usage
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def create_app(
         Route("/admin/requests/{request_id}", admin.get_request, methods=["GET"]),
         Route("/health", health.health, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi, methods=["GET"]),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
         # Unexpected exceptions: ErrorBoundary, not Starlette's 500 handler (see server.errors).
@@ -103,6 +104,9 @@ def create_app(
             HTTPException: http_error,
         },
     )
+    # An API answers what was asked: a 404 in the error shape, not a 307 to another URL.
+    app.router.redirect_slashes = False
+    return app
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,7 @@ from tokenwell.errors import ClientDisconnected, PayloadTooLarge
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(_too_large(limit))
     chunks: list[bytes] = []
     size = 0

@@ -17,6 +17,11 @@ per connection (settings in ``[http]``, see ``config.HTTPConfig``):
   long (the transport's buffer stays above its high-water mark) is cut off.
   The request's ``scope["state"]["send_timed_out"]`` says so, so that a
   generation ends as ``slow_client`` (billed for what was made).
+
+Headers are limited in size too (``max_header_bytes``: httptools has no
+limit, so a client could stream headers into memory until the header
+timeout): past it, a 431. And a request the HTTP parser refuses gets its 400
+in the API's error shape, not uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ from typing import Any, ClassVar
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenwell.config import HTTPConfig
-from tokenwell.errors import RequestTimeout
+from tokenwell.errors import InvalidRequest, RequestTimeout
 from tokenwell.server.errors import raw_error_response
+
+
+class _HeadersTooLarge(Exception):
+    pass
 
 
 def protocol_class(limits: HTTPConfig) -> type[HttpToolsProtocol]:
@@ -46,6 +55,8 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
         self._send_timer: asyncio.TimerHandle | None = None
         # What is being read: "idle" (no request begun), "headers" or "body".
         self._reading = "idle"
+        self._header_bytes = 0
+        self._headers_too_large = False
 
     # -- connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -66,8 +77,24 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._reading = "headers"
+        self._header_bytes = 0
         if self._header_timer is None:
             self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value))
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > self.limits.max_header_bytes:
+            self._headers_too_large = True
+            # Out of the parser: uvicorn answers a parser error with send_400_response.
+            raise _HeadersTooLarge
 
     def on_headers_complete(self) -> None:
         self._cancel("_header_timer")
@@ -89,6 +116,20 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     def resume_writing(self) -> None:
         self._cancel("_send_timer")
         super().resume_writing()
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser refused the request: a 400 in the API's error shape, then close."""
+        if self._headers_too_large:
+            error = InvalidRequest(
+                "Request headers too large: the limit is "
+                f"{self.limits.max_header_bytes} bytes (URL and headers).",
+                code="headers_too_large",
+            )
+            error.status = 431
+        else:
+            error = InvalidRequest("Invalid HTTP request.", code="invalid_http_request")
+        self.transport.write(raw_error_response(error))
+        self.transport.close()
 
     # -- the limits
     def _arm_header_timer(self) -> None:

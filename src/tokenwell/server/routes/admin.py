@@ -80,7 +80,8 @@ async def list_requests(request: Request) -> Response:
     services = await _admin(request)
     q = request.query_params
     limit = q.get("limit", "100")
-    if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+    # isascii: str.isdigit() accepts "²", which int() refuses.
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
         raise InvalidRequest(
             f"Invalid 'limit': expected an integer from 1 to 1000, got {limit!r}.",
             param="limit",

@@ -1,0 +1,286 @@
+"""The API's OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Request bodies are the JSON Schemas of the pydantic models that validate them
+(``protocol.requests``, ``billing.keys``), so the document cannot drift from
+what the server accepts; clients and tools (and this project's fuzz tests)
+generate requests from it. Built once, on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from tokenwell.billing.keys import KeyFields
+from tokenwell.protocol import requests as chat_requests
+
+_REF = "#/components/schemas/{model}"
+
+# Schema names as published (the models' own names are private).
+_NAMES: dict[type[BaseModel], str] = {
+    chat_requests._Body: "ChatCompletionRequest",
+    chat_requests._SystemMessage: "SystemMessage",
+    chat_requests._UserMessage: "UserMessage",
+    chat_requests._AssistantMessage: "AssistantMessage",
+    chat_requests._ToolMessage: "ToolMessage",
+    chat_requests._ToolCallIn: "ToolCall",
+    chat_requests._FunctionCall: "FunctionCall",
+    KeyFields: "KeyFields",
+}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _schemas() -> dict[str, Any]:
+    _, top = models_json_schema([(model, "validation") for model in _NAMES], ref_template=_REF)
+    text = orjson.dumps(top["$defs"]).decode()
+    for model, name in _NAMES.items():
+        text = text.replace(
+            f'"{_REF.format(model=model.__name__)}"', f'"{_REF.format(model=name)}"'
+        )
+    defs: dict[str, Any] = orjson.loads(text)
+    for model, name in _NAMES.items():
+        if model.__name__ in defs:
+            defs[name] = defs.pop(model.__name__)
+            defs[name]["title"] = name
+    # Each message is checked by the model of its role.
+    defs["ChatCompletionRequest"]["properties"]["messages"]["items"] = {
+        "oneOf": [
+            _ref(n) for n in ("SystemMessage", "UserMessage", "AssistantMessage", "ToolMessage")
+        ]
+    }
+    defs["ChatCompletionRequest"]["description"] = "A chat completion request."
+    defs["KeyCreate"] = {
+        "allOf": [_ref("KeyFields")],
+        "required": ["name"],
+        "title": "KeyCreate",
+    }
+    defs["Error"] = {
+        "type": "object",
+        "title": "Error",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    }
+    defs["Object"] = {"type": "object", "title": "Object", "additionalProperties": True}
+    return defs
+
+
+def _json(schema: str, description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    why = {
+        400: "Invalid request",
+        401: "No key, or a wrong, revoked or expired key",
+        403: "The key may not do this",
+        404: "Not found",
+        408: "The request's headers or body came too slowly",
+        413: "Body too large",
+        429: "Rate limit or budget",
+        502: "An upstream failed",
+        503: "Overloaded or loading",
+    }
+    return {str(s): _json("Error", why[s]) for s in statuses}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _operation(
+    summary: str,
+    ok: dict[str, Any],
+    *,
+    errors: tuple[int, ...] = (401,),
+    body: str | None = None,
+    parameters: list[dict[str, Any]] | None = None,
+    public: bool = False,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {**ok, **_errors(*errors)}}
+    if body is not None:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(body)}},
+        }
+    if parameters:
+        op["parameters"] = parameters
+    if public:
+        op["security"] = []
+    return op
+
+
+def _paths() -> dict[str, Any]:
+    master = (400, 401, 403, 404)
+    chat_ok = {
+        "200": {
+            "description": "A chat completion (JSON), or its chunks as server-sent events",
+            "content": {
+                "application/json": {"schema": _ref("Object")},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        }
+    }
+    return {
+        "/v1/chat/completions": {
+            "post": _operation(
+                "Create a chat completion",
+                chat_ok,
+                errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
+                body="ChatCompletionRequest",
+            )
+        },
+        "/v1/models": {"get": _operation("The models this key may use", {"200": _json("Object")})},
+        "/v1/models/{model}": {
+            "get": _operation(
+                "One model",
+                {"200": _json("Object")},
+                errors=(401, 403, 404),
+                parameters=[_path("model")],
+            )
+        },
+        "/v1/usage": {"get": _operation("The calling key's usage", {"200": _json("Object")})},
+        "/admin/keys": {
+            "post": _operation(
+                "Create a key (its secret is in the answer, once)",
+                {"201": _json("Object", "Created")},
+                errors=(400, 401, 403, 413),
+                body="KeyCreate",
+            ),
+            "get": _operation("List keys", {"200": _json("Object")}, errors=(401, 403)),
+        },
+        "/admin/keys/{key_id}": {
+            "get": _operation(
+                "One key", {"200": _json("Object")}, errors=master, parameters=[_path("key_id")]
+            ),
+            "patch": _operation(
+                "Change a key",
+                {"200": _json("Object")},
+                errors=(*master, 413),
+                body="KeyFields",
+                parameters=[_path("key_id")],
+            ),
+            "delete": _operation(
+                "Revoke a key",
+                {"200": _json("Object")},
+                errors=master,
+                parameters=[_path("key_id")],
+            ),
+        },
+        "/admin/usage": {
+            "get": _operation(
+                "The spend report",
+                {"200": _json("Object")},
+                errors=(400, 401, 403),
+                parameters=[
+                    _query(
+                        "group_by", {"type": "string"}, "Any of key, model, day, comma-separated"
+                    ),
+                    _query("since", {"type": "string", "format": "date"}, "First day (UTC)"),
+                    _query("until", {"type": "string", "format": "date"}, "Last day (UTC)"),
+                    _query("key_id", {"type": "string"}, "One key"),
+                    _query("model", {"type": "string"}, "One model"),
+                ],
+            )
+        },
+        "/admin/requests": {
+            "get": _operation(
+                "Ledger rows, newest first",
+                {"200": _json("Object")},
+                errors=(400, 401, 403),
+                parameters=[
+                    _query("key_id", {"type": "string"}, "One key"),
+                    _query("status", {"type": "string"}, "One status"),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "How many",
+                    ),
+                ],
+            )
+        },
+        "/admin/requests/{request_id}": {
+            "get": _operation(
+                "One ledger row",
+                {"200": _json("Object")},
+                errors=master,
+                parameters=[_path("request_id")],
+            )
+        },
+        "/health": {
+            "get": _operation(
+                "Ready, loading or failed, per model",
+                {"200": _json("Object"), "503": _json("Object", "Loading or failed")},
+                errors=(),
+                public=True,
+            )
+        },
+        "/metrics": {
+            "get": _operation(
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "OK",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                errors=(),
+                public=True,
+            )
+        },
+        "/openapi.json": {
+            "get": _operation("This document", {"200": _json("Object")}, errors=(), public=True)
+        },
+    }
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    try:
+        package_version = version("tokenwell")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        package_version = "0"
+    document = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tokenwell",
+            "version": package_version,
+            "description": "An OpenAI-compatible token API; errors are "
+            '{"error": {"message", "type", "param", "code"}}.',
+        },
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+    return orjson.dumps(document)
