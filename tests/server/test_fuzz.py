@@ -16,6 +16,7 @@ completions on the real embedded model.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -190,6 +191,66 @@ hostile = st.one_of(
 )
 
 
+# JSON Schemas as a client may put them in response_format or a tool's
+# parameters: costly bounds, wrong-typed keywords, nesting and fan-out.
+_bounds = st.one_of(
+    st.integers(0, 64),
+    st.sampled_from([500, 5000, 20_000, 2**31, 10**12, -1]),
+    st.sampled_from(["5", [1], None, 1.5, True]),
+)
+_schema_leaf = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(
+            ["string", "integer", "number", "boolean", "null", "object", "array"]
+        )
+    },
+    optional={
+        "maxLength": _bounds,
+        "minLength": _bounds,
+        "minItems": _bounds,
+        "maxItems": _bounds,
+        "minimum": _bounds,
+        "pattern": st.sampled_from(["^a{1,50000}$", "[a-z]{3}", "(", "(a|b)*c{2,9000}", 5]),
+        "enum": st.lists(scalars, max_size=40),
+        "format": st.sampled_from(["date", "date-time", "email", "uuid", ["date"]]),
+    },
+)
+_wrong_schemas = st.sampled_from(
+    [
+        {"type": [["object"]]},
+        {"type": {}},
+        {"properties": []},
+        {"type": "array", "items": 5},
+        {"type": "array", "prefixItems": 5},
+        {"$ref": "#/nope"},
+        {"$ref": "#"},
+        {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2000)}},
+        deep(300, {"type": "string"}),
+    ]
+)
+json_schemas = st.one_of(
+    _wrong_schemas,
+    st.recursive(
+        _schema_leaf,
+        lambda inner: st.one_of(
+            st.fixed_dictionaries(
+                {
+                    "type": st.just("object"),
+                    "properties": st.dictionaries(st.text(max_size=6), inner, max_size=5),
+                },
+                optional={
+                    "required": st.lists(st.text(max_size=6), max_size=3),
+                    "additionalProperties": st.booleans(),
+                },
+            ),
+            st.fixed_dictionaries({"type": st.just("array"), "items": inner}),
+            st.fixed_dictionaries({"anyOf": st.lists(inner, min_size=1, max_size=4)}),
+        ),
+        max_leaves=12,
+    ),
+)
+
+
 def from_schema(
     schema: dict[str, Any], defs: dict[str, Any], depth: int = 0
 ) -> st.SearchStrategy[Any]:
@@ -262,7 +323,7 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 @st.composite
 def mutated(draw: st.DrawFn, valid: st.SearchStrategy[Any]) -> Any:
     """A valid value with a few of its parts replaced, dropped or added to."""
-    value = draw(valid)
+    value = copy.deepcopy(draw(valid))  # drawn values may be shared constants
     for _ in range(draw(st.integers(0, 3))):
         path = draw(st.sampled_from(_paths(value)))
         if not path:
@@ -352,7 +413,27 @@ def chat_requests(fuzzed: Fuzzed, models: list[str]) -> st.SearchStrategy[dict[s
             [{}, {"stream": True}, {"stream": True, "stream_options": {"include_usage": True}}]
         ).map(lambda extra: {**body, **extra})
     )
-    return st.one_of(base.flatmap(settle), simple.flatmap(settle), simple.flatmap(settle))
+    formats = json_schemas.map(
+        lambda schema: {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "out", "schema": schema},
+            }
+        }
+    )
+    tools = st.tuples(json_schemas, st.sampled_from(["auto", "required", "none"])).map(
+        lambda t: {
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": t[0]}}],
+            "tool_choice": t[1],
+        }
+    )
+    structured = st.tuples(simple, st.one_of(formats, tools)).map(lambda t: {**t[0], **t[1]})
+    return st.one_of(
+        base.flatmap(settle),
+        simple.flatmap(settle),
+        simple.flatmap(settle),
+        structured.flatmap(settle),
+    )
 
 
 def run(strategy: st.SearchStrategy[Any], check: Callable[[Any], None], examples: int) -> None:
