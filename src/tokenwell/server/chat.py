@@ -23,6 +23,7 @@ from tokenwell.config import HTTPConfig
 from tokenwell.engines.base import Engine, Generation
 from tokenwell.errors import APIError, InvalidRequest, ModelNotFound
 from tokenwell.moderation import ContentPolicy
+from tokenwell.protocol.codec import ChatCodec
 from tokenwell.protocol.events import Meter
 from tokenwell.protocol.render import Identity
 from tokenwell.protocol.requests import ChatRequest, parse_chat_request
@@ -141,12 +142,11 @@ class ChatService:
             raise
         self.metrics.request_started(chat.model)
 
+        ident = Identity(model=chat.model, system_fingerprint=engine.system_fingerprint)
         return GenerationResponse(
             generation,
-            Identity(model=chat.model, system_fingerprint=engine.system_fingerprint),
+            ChatCodec(ident, n=chat.n, include_usage=chat.include_usage, logprobs=chat.logprobs),
             stream=chat.stream,
-            include_usage=chat.include_usage,
-            logprobs=chat.logprobs,
             keepalive=self.keepalive_seconds,
             settle=partial(self._settle, ticket),
             headers=ticket.headers,

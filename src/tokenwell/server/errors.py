@@ -1,4 +1,10 @@
-"""The one place where errors become HTTP responses in the OpenAI error shape.
+"""The one place where errors become HTTP responses, in the shape of the request's API.
+
+A request's wire API is chosen here once (``api_of``: the route's
+``scope["tokenwell.api"]``, else its path), and each API's codec module says
+how an ``APIError`` looks there: OpenAI's ``{"error": {...}}`` for chat
+completions and everything else, Anthropic's ``{"type": "error", ...}`` (with
+Anthropic's status codes) under ``/v1/messages``.
 
 ``ErrorBoundary`` wraps the app: an exception nothing else handled becomes a
 500 in that shape *and the connection stays usable* (Starlette's own
@@ -11,6 +17,8 @@ from __future__ import annotations
 
 import http
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -19,18 +27,42 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwell.errors import APIError, ClientDisconnected, InvalidRequest, NotFound, ServerError
+from tokenwell.protocol import anthropic_codec
 from tokenwell.server.responses import json_response
 
 log = logging.getLogger(__name__)
 
+# An API error as (status, body) in each wire API's shape.
+ErrorShape = Callable[[APIError], tuple[int, dict[str, Any]]]
+ERROR_SHAPES: dict[str, ErrorShape] = {
+    "openai": lambda error: (error.status, error.body()),
+    "anthropic": anthropic_codec.api_error_body,
+}
+# Paths whose errors are not in the OpenAI shape (a route may also set
+# ``scope["tokenwell.api"]``); the prefix is the path or a parent of it.
+API_BY_PATH = {"/v1/messages": "anthropic"}
 
-def error_response(error: APIError) -> Response:
-    return json_response(error.body(), status=error.status, headers=error.headers)
+
+def api_of(scope: Scope) -> str:
+    api = scope.get("tokenwell.api")
+    if isinstance(api, str):
+        return api
+    path: str = scope.get("path", "")
+    for prefix, name in API_BY_PATH.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return name
+    return "openai"
+
+
+def error_response(error: APIError, request: Request | None = None) -> Response:
+    shape = ERROR_SHAPES[api_of(request.scope) if request is not None else "openai"]
+    status, body = shape(error)
+    return json_response(body, status=status, headers=error.headers)
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    return error_response(exc)
+    return error_response(exc, request)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -47,7 +79,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
         err = APIError(str(exc.detail))
         err.status = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(err)
+    return error_response(err, request)
 
 
 async def client_gone(request: Request, exc: Exception) -> Response:
@@ -56,12 +88,14 @@ async def client_gone(request: Request, exc: Exception) -> Response:
     services = getattr(request.app.state, "services", None)
     if services is not None:
         services.metrics.client_gone("request")
-    return error_response(ClientDisconnected("The client disconnected."))
+    return error_response(ClientDisconnected("The client disconnected."), request)
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(ServerError("The server had an error while processing your request."))
+    return error_response(
+        ServerError("The server had an error while processing your request."), request
+    )
 
 
 def raw_error_response(error: APIError) -> bytes:
@@ -80,7 +114,7 @@ def raw_error_response(error: APIError) -> bytes:
 class ErrorBoundary:
     """The app's outermost handler for what nothing else handled.
 
-    Before the response began: a 500 in the OpenAI error shape, logged once,
+    Before the response began: a 500 in the API's error shape, logged once,
     and the exception ends here, so the keep-alive connection stays usable.
     After it began, nothing valid can follow: returning leaves uvicorn to close
     the connection (the client sees a cut response, never a wrong one).

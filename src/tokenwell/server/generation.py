@@ -1,8 +1,8 @@
 """The ASGI response that runs one generation to the client.
 
-It streams SSE chunks (or collects one JSON body), watches the connection
-for the client going away, sends ``: keep-alive`` comments while nothing is
-ready, and settles the request exactly once, whatever happens: billing reads
+It streams SSE events (or collects one JSON body), watches the connection
+for the client going away, sends keep-alives while nothing is ready, and
+settles the request exactly once, whatever happens: billing reads
 the engine's meter only after the engine has let go of the request, so the
 bill is exactly what was generated.
 """
@@ -21,9 +21,8 @@ from starlette.types import Receive, Scope, Send
 
 from tokenwell.engines.base import Generation
 from tokenwell.moderation import OutputFilter
-from tokenwell.protocol import sse
+from tokenwell.protocol.codec import Codec
 from tokenwell.protocol.events import Failed, TextDelta, ToolCallStart
-from tokenwell.protocol.render import CompletionBuilder, Identity, StreamRenderer
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,9 @@ class GenerationResponse:
     def __init__(
         self,
         generation: Generation,
-        ident: Identity,
+        codec: Codec,
         *,
         stream: bool,
-        include_usage: bool,
-        logprobs: bool,
         keepalive: float,
         settle: Settle,
         headers: dict[str, str] | None = None,
@@ -79,10 +76,9 @@ class GenerationResponse:
         stream_buffer: int | None = None,
     ) -> None:
         self.generation = generation
-        self.ident = ident
+        # The wire API: every byte sent is the codec's (protocol.codec).
+        self.codec = codec
         self.stream = stream
-        self.include_usage = include_usage
-        self.logprobs = logprobs
         self.keepalive = keepalive
         self._settle = settle
         self.headers = headers or {}
@@ -196,7 +192,7 @@ class GenerationResponse:
             try:
                 await asyncio.wait_for(gen.closed(), timeout=30)
             except TimeoutError:
-                log.error("engine did not release request %s within 30 s", self.ident.id)
+                log.error("engine did not release request %s within 30 s", self.codec.id)
         outcome = self.outcome
         outcome.ended_at = time.perf_counter()
         outcome.first_token_at = gen.first_token_at
@@ -221,14 +217,15 @@ class GenerationResponse:
         try:
             await self._settle(gen, outcome)
         except Exception:
-            log.exception("settling request %s failed", self.ident.id)
+            log.exception("settling request %s failed", self.codec.id)
 
     # ------------------------------------------------------------------ stream
 
     async def _send_stream(self, send: Send) -> None:
         gen = self.generation
-        renderer = StreamRenderer(self.ident, self.include_usage)
+        codec = self.codec
         started = False
+        head = b""
         while not self.disconnected:
             events = self._filtered(await gen.next_batch(self.keepalive))
             if not started:
@@ -242,14 +239,17 @@ class GenerationResponse:
                 # The first event, or a keep-alive that cannot wait: commit to 200.
                 await self._start_stream(send)
                 started = True
+                head = codec.head(gen.meter)
             if not events:
                 if gen.exhausted:
                     break
-                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+                body, head = head + codec.keepalive, b""
+                await send({"type": "http.response.body", "body": body, "more_body": True})
                 continue
             if gen.first_token_at is None:
                 _mark_first(gen, events)
-            out = b"".join(renderer.render(event) for event in events)
+            out = head + b"".join(codec.render(event) for event in events)
+            head = b""
             if not self.disconnected:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             if gen.failure is not None or self._cut_short:
@@ -262,18 +262,18 @@ class GenerationResponse:
             await self._send_error(send, _interrupted())
             return
         if self.slow and not self._complete and gen.failure is None:
-            tail = StreamRenderer.error(
+            tail = codec.error(
                 "The client read the stream too slowly; the generation was ended.",
                 "slow_client",
             )
         elif not self._complete and gen.failure is None:
             # The engine let go without finishing (shut down): say so.
-            tail = StreamRenderer.error("The generation was interrupted.", "interrupted")
-        elif gen.failure is None and self.include_usage:
-            tail = renderer.usage(gen.meter)
+            tail = codec.error("The generation was interrupted.", "interrupted")
+        elif gen.failure is None:
+            tail = codec.end(gen.meter)
         else:
-            tail = b""
-        await send({"type": "http.response.body", "body": tail + sse.DONE, "more_body": False})
+            tail = codec.after_failure()
+        await send({"type": "http.response.body", "body": head + tail, "more_body": False})
 
     async def _send_interrupted(self, send: Send) -> None:
         """End a response cut by shutdown: an error event and [DONE], or a 503."""
@@ -281,7 +281,7 @@ class GenerationResponse:
         try:
             async with asyncio.timeout(1):
                 if self._response_started and self.stream:
-                    tail = StreamRenderer.error(message, "interrupted") + sse.DONE
+                    tail = self.codec.error(message, "interrupted")
                     await send({"type": "http.response.body", "body": tail, "more_body": False})
                 elif not self._response_started:
                     await self._send_error(send, Failed(message, "interrupted", http_status=503))
@@ -295,7 +295,7 @@ class GenerationResponse:
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    *_headers(self.headers, b"text/event-stream; charset=utf-8"),
+                    *_headers(self.headers, self.codec.media_type),
                     (b"cache-control", b"no-cache"),
                     (b"x-accel-buffering", b"no"),
                 ],
@@ -303,21 +303,13 @@ class GenerationResponse:
         )
 
     async def _send_error(self, send: Send, failure: Failed) -> None:
-        body = orjson.dumps(
-            {
-                "error": {
-                    "message": failure.message,
-                    "type": failure.type,
-                    "param": None,
-                    "code": failure.code,
-                }
-            }
-        )
+        status, content = self.codec.error_body(failure)
+        body = orjson.dumps(content)
         self._response_started = True
         await send(
             {
                 "type": "http.response.start",
-                "status": failure.http,
+                "status": status,
                 "headers": [
                     *_headers({**self.headers, **(failure.headers or {})}, b"application/json"),
                     (b"content-length", str(len(body)).encode()),
@@ -330,26 +322,26 @@ class GenerationResponse:
 
     async def _send_json(self, send: Send) -> None:
         gen = self.generation
-        builder = CompletionBuilder(self.ident, gen.n, self.logprobs)
+        codec = self.codec
         while not self.disconnected:
             events = self._filtered(await gen.next_batch(None))
             if not events and gen.exhausted:
                 break
             if self._cut_short:
                 for event in events:
-                    builder.add(event)
+                    codec.add(event)
                 break
             if gen.first_token_at is None:
                 _mark_first(gen, events)
             for event in events:
-                builder.add(event)
+                codec.add(event)
         if self.disconnected:
             return
         await asyncio.shield(self._finish())
         if gen.failure is not None or not self._complete:
             await self._send_error(send, gen.failure or _interrupted())
             return
-        body = orjson.dumps(builder.build(gen.meter))
+        body = orjson.dumps(codec.body(gen.meter))
         self._response_started = True
         await send(
             {
