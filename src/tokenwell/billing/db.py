@@ -127,6 +127,28 @@ idempotency_keys = Table(
     Index("ix_idempotency_keys_expires", "expires_at"),
 )
 
+# Stored Responses API responses (``store`` true, the default), scoped to the
+# API key that made them: the response object as last rendered, this request's
+# input items, and the whole conversation up to it (``previous_response_id``
+# reads one row). See billing.responses.
+stored_responses = Table(
+    "stored_responses",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("key_id", String(40), nullable=False),
+    Column("request_id", String(64), nullable=True),
+    Column("model", String(255), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("background", Boolean, nullable=False),
+    Column("previous_response_id", String(64), nullable=True),
+    Column("input_items", LargeBinary, nullable=False),
+    Column("history", LargeBinary, nullable=False),
+    Column("response", LargeBinary, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Index("ix_stored_responses_key", "key_id", "created_at"),
+)
+
 
 # What a ledger row's open writes (``OpenRow.values()``); the other columns
 # keep their defaults until the close.

@@ -1,0 +1,115 @@
+"""Stored responses of the Responses API, beside the ledger, scoped to an API key.
+
+One row per stored response: the response object as last rendered (queued,
+then in progress, then its ending), this request's input items (``GET
+…/input_items``), and ``history``: every input item of the conversation up to
+this response, so ``previous_response_id`` continues it from one row. A
+response another key made is "not found", as one that never existed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import delete, insert, select, update
+
+from tokenwell.billing.db import Database, stored_responses
+
+_t = stored_responses.c
+
+
+@dataclass(slots=True)
+class StoredResponse:
+    id: str
+    key_id: str
+    request_id: str | None
+    model: str
+    status: str
+    background: bool
+    previous_response_id: str | None
+    input_items: list[dict[str, Any]]
+    history: list[dict[str, Any]]
+    response: dict[str, Any]
+    created_at: float
+    updated_at: float
+
+
+def _stored(row: Any) -> StoredResponse:
+    return StoredResponse(
+        id=row.id,
+        key_id=row.key_id,
+        request_id=row.request_id,
+        model=row.model,
+        status=row.status,
+        background=bool(row.background),
+        previous_response_id=row.previous_response_id,
+        input_items=orjson.loads(row.input_items),
+        history=orjson.loads(row.history),
+        response=orjson.loads(row.response),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+class ResponseStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def put(
+        self,
+        key_id: str,
+        response: dict[str, Any],
+        *,
+        request_id: str | None,
+        input_items: list[dict[str, Any]],
+        history: list[dict[str, Any]],
+    ) -> None:
+        now = time.time()
+        values = {
+            "id": response["id"],
+            "key_id": key_id,
+            "request_id": request_id,
+            "model": response["model"],
+            "status": response["status"],
+            "background": bool(response.get("background")),
+            "previous_response_id": response.get("previous_response_id"),
+            "input_items": orjson.dumps(input_items),
+            "history": orjson.dumps(history),
+            "response": orjson.dumps(response),
+            "created_at": now,
+            "updated_at": now,
+        }
+        async with self.db.engine.begin() as conn:
+            await conn.execute(insert(stored_responses).values(values))
+
+    async def update(self, response: dict[str, Any]) -> None:
+        """The response's newest state (its status, output and usage)."""
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                update(stored_responses)
+                .where(_t.id == response["id"])
+                .values(
+                    status=response["status"],
+                    response=orjson.dumps(response),
+                    updated_at=time.time(),
+                )
+            )
+
+    async def get(self, key_id: str, response_id: str) -> StoredResponse | None:
+        async with self.db.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(stored_responses).where(_t.id == response_id, _t.key_id == key_id)
+                )
+            ).first()
+        return _stored(row) if row is not None else None
+
+    async def delete(self, key_id: str, response_id: str) -> bool:
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(
+                delete(stored_responses).where(_t.id == response_id, _t.key_id == key_id)
+            )
+        return bool(result.rowcount)
