@@ -114,7 +114,7 @@ class HTTPConfig(BaseModel):
     # A client that takes none of its response for this long is cut off; a
     # generation for it ends as `slow_client`, billed for what was made.
     send_timeout: float = Field(default=30.0, gt=0)
-    # A stream whose client is this many events (about a token each) behind:
+    # A stream whose client is this many events (about a token each, per choice) behind:
     # "pause" stops generating for it until the client catches up (an engine
     # that cannot pause ends it as "end" does); "end" ends the request there.
     slow_client: Literal["pause", "end"] = "pause"

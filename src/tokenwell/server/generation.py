@@ -103,10 +103,10 @@ class GenerationResponse:
         if self.stream and self.stream_buffer is not None:
             gen = self.generation
             pauses = self.slow_client == "pause" and gen.pausable
-            # A pausing engine stops at the mark; the request ends at 4x only
-            # if it did not (one step can push many events).
-            overflow_at = self.stream_buffer * 4 if pauses else self.stream_buffer
-            gen.backpressure(self.stream_buffer, overflow_at, self._too_slow)
+            # Per choice. A pausing engine stops at the mark; the request ends
+            # at 4x only if it did not (one step can push many events).
+            mark = self.stream_buffer * gen.n
+            gen.backpressure(mark, mark * 4 if pauses else mark, self._too_slow)
         watcher = asyncio.create_task(self._watch(receive))
         try:
             if self.stream:
