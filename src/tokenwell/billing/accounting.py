@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+from tokenwell.billing.claims import Claim, KeyClaimed
 from tokenwell.billing.journal import Journal
 from tokenwell.billing.keys import MASTER, KeyHasher, KeyRecord, KeyStore
 from tokenwell.billing.ledger import CloseRow, Ledger, LedgerUnavailable, OpenRow
@@ -174,7 +175,13 @@ class Accounting:
         prepared: Prepared,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        claim: Claim | None = None,
     ) -> Ticket:
+        """Admit the request: limits, then its write-ahead ledger row. With a
+        ``claim``, the row's open claims the idempotency key too (billing.claims);
+        ``KeyClaimed`` when another request holds it (nothing written or reserved;
+        its tokens go back to the TPM limit, its one request stays counted: a
+        duplicate only gets here when it raced the first on another replica)."""
         request = prepared.request
         price = self.prices.get(request.model, _FREE)
         request_id = request_id or new_request_id()
@@ -216,6 +223,7 @@ class Accounting:
         )
         row = self._row(key, prepared, request_id, prepared.prompt_tokens, reserve)
         row.idempotency_key = idempotency_key
+        row.claim = claim
         try:
             admission = await self.ledger.open(row)
         except LedgerUnavailable as exc:
@@ -226,6 +234,8 @@ class Accounting:
             ) from exc
         if not admission.ok:
             await self._refund(key, estimate)
+            if admission.reason == "claimed":
+                raise KeyClaimed(request_id)
             if admission.reason in ("revoked", "expired", "missing"):
                 self.keys.forget(key)
                 raise AuthenticationFailed(f"The API key {key.prefix}… is {admission.reason}.")

@@ -35,7 +35,8 @@ from sqlalchemy import Connection, bindparam, insert, or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tokenwell.billing import pgbatch
+from tokenwell.billing import claims, pgbatch
+from tokenwell.billing.claims import Claim, ClaimEnd
 from tokenwell.billing.db import (
     CLOSE_COLUMNS,
     OPEN_COLUMNS,
@@ -90,6 +91,8 @@ class OpenRow:
     status: str = "open"
     error: str | None = None
     idempotency_key: str | None = None
+    # Claim its Idempotency-Key in the same transaction (billing.claims).
+    claim: Claim | None = None
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -250,7 +253,7 @@ class LedgerUnavailable(Exception):
 
 @dataclass(slots=True)
 class _Op:
-    row: OpenRow | CloseRow
+    row: OpenRow | CloseRow | ClaimEnd
     future: asyncio.Future[Any]
     queued_at: float = 0.0  # closes: when the writer took it off the queue
 
@@ -401,7 +404,12 @@ class Ledger:
         """
         return self._enqueue(row)
 
-    def _enqueue(self, row: OpenRow | CloseRow) -> asyncio.Future[Any]:
+    def end_claim(self, end: ClaimEnd) -> asyncio.Future[bool]:
+        """Store a claimed request's result, or release its claim, with the closes;
+        the future resolves once that committed (cancelling it only stops the wait)."""
+        return self._enqueue(end)
+
+    def _enqueue(self, row: OpenRow | CloseRow | ClaimEnd) -> asyncio.Future[Any]:
         if self._task is None:
             raise LedgerUnavailable("the ledger is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -615,6 +623,8 @@ class Ledger:
         """
         opens = [op.row for op in batch if type(op.row) is OpenRow]
         closes = [op.row for op in batch if type(op.row) is CloseRow]
+        if len(opens) + len(closes) < len(batch) or any(r.claim is not None for r in opens):
+            return None  # claims, and their ends: the transaction takes them
         keys = {r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID}
         if len(keys) > 1:
             return None
@@ -661,15 +671,58 @@ class Ledger:
         """
         opens = [op.row for op in batch if isinstance(op.row, OpenRow)]
         closes = [op.row for op in batch if isinstance(op.row, CloseRow)]
+        ends = [op.row for op in batch if isinstance(op.row, ClaimEnd)]
         results: dict[int, Any] = {}
         keys = sorted({r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID})
         if len(keys) > 1 and self.db.dialect == "postgresql":
             # Lock the keys in one order, so concurrent replicas never deadlock
             # (a transaction that touches one key cannot be part of a cycle).
             conn.execute(_LOCK_KEYS, {"k_ids": keys})
+        claimed = [r for r in opens if r.claim is not None]
+        if claimed:
+            opens = self._claim(conn, opens, claimed, results)
         self._open_rows(conn, opens, results)
+        if claimed:
+            # Claimed but refused (budget, key gone): the claim goes back with it.
+            refused = [r for r in claimed if id(r) in results and not results[id(r)].ok]
+            claims.give_back(
+                conn,
+                self.db.dialect,
+                [ClaimEnd(r.key_id, r.claim.idempotency_key, r.id) for r in refused if r.claim],
+            )
         self._close_rows(conn, closes, results)
+        if ends:
+            claims.give_back(conn, self.db.dialect, ends)
+            for end in ends:
+                results[id(end)] = True
         return [results[id(op.row)] for op in batch]
+
+    def _claim(
+        self,
+        conn: Connection,
+        opens: list[OpenRow],
+        claimed: list[OpenRow],
+        results: dict[int, Any],
+    ) -> list[OpenRow]:
+        """Claim the keys of ``claimed`` (billing.claims); the opens to write: those
+        without a claim and those that got theirs. The others get
+        ``Admission(False, "claimed")`` and write nothing."""
+        rows: list[list[Any]] = []
+        seen: set[tuple[str, str]] = set()
+        for row in claimed:
+            assert row.claim is not None
+            scope = (row.key_id, row.claim.idempotency_key)
+            if scope not in seen:  # the same key twice in a batch: the first claims it
+                seen.add(scope)
+                rows.append(claims.claim_values(row.key_id, row.id, row.instance, row.claim))
+        won = claims.take(conn, self.db.dialect, rows)
+        kept = []
+        for row in opens:
+            if row.claim is None or row.id in won:
+                kept.append(row)
+            else:
+                results[id(row)] = Admission(False, "claimed")
+        return kept
 
     def _open_rows(self, conn: Connection, opens: list[OpenRow], results: dict[int, Any]) -> None:
         now = time.time()

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp
 
 from tokenwell.billing.accounting import Accounting, Ticket
+from tokenwell.billing.claims import Claim
 from tokenwell.billing.keys import KeyRecord
 from tokenwell.config import HTTPConfig
 from tokenwell.engines.base import Engine, Generation
@@ -80,6 +81,9 @@ class ChatService:
         self.keepalive_seconds = keepalive_seconds
         self.policy = policy
         self.idempotency = idempotency
+        if idempotency is not None:
+            # Claims ride on the ledger's opens when it records requests.
+            idempotency.use_ledger(accounting.ledger if accounting.metering else None)
         self.model_load_wait = model_load_wait
         self.http = http or HTTPConfig()
 
@@ -129,9 +133,10 @@ class ChatService:
         started: float,
         request_id: str | None = None,
         idempotency_key: str | None = None,
+        claim: Claim | None = None,
     ) -> GenerationResponse:
         prepared = engine.prepare(chat)
-        ticket = await self.accounting.admit(key, prepared, request_id, idempotency_key)
+        ticket = await self.accounting.admit(key, prepared, request_id, idempotency_key, claim)
         try:
             generation = engine.submit(prepared, ticket.meter)
         except APIError as exc:

@@ -30,8 +30,10 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp
 
 from tokenwell.billing.accounting import new_request_id
+from tokenwell.billing.claims import Claim, ClaimEnd, KeyClaimed, pack
 from tokenwell.billing.idempotency import IdempotencyStore, Record
 from tokenwell.billing.keys import KeyRecord
+from tokenwell.billing.ledger import Ledger
 from tokenwell.config import IdempotencyConfig
 from tokenwell.errors import APIError, InvalidRequest
 from tokenwell.server.requestlog import LogReader, LogView, Producer, RedisLogs, RequestLog
@@ -41,9 +43,10 @@ log = logging.getLogger(__name__)
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 
-# Generate the response for a claimed key: (request_id, idempotency_key) → the
-# response (a GenerationResponse), admitted and billed to that request id.
-Generate = Callable[[str, str], Awaitable[ASGIApp]]
+# Generate the response for a key: (request_id, idempotency_key, claim) → the
+# response (a GenerationResponse), admitted and billed to that request id. With
+# a claim, the admission claims the key (KeyClaimed: another request holds it).
+Generate = Callable[[str, str, Claim | None], Awaitable[ASGIApp]]
 
 
 class IdempotencyKeyReused(InvalidRequest):
@@ -144,6 +147,12 @@ class IdempotencyService:
         self._claiming: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._producers: set[asyncio.Task[None]] = set()
         self._purger: asyncio.Task[None] | None = None
+        # With metering on, claims ride on the ledger's opens and their ends on
+        # its closes (billing.claims); without, each is a transaction of its own.
+        self.ledger: Ledger | None = None
+
+    def use_ledger(self, ledger: Ledger | None) -> None:
+        self.ledger = ledger
 
     async def start(self) -> None:
         released = await self.store.release_instance(self.instance)
@@ -158,6 +167,7 @@ class IdempotencyService:
             await asyncio.wait(list(self._producers), timeout=timeout)
         if self.remote is not None:
             await self.remote.close()
+        self.store.close()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -193,17 +203,34 @@ class IdempotencyService:
             if claiming is not None:  # its first request is being admitted here
                 await asyncio.shield(claiming)
                 continue
-            request_id = new_request_id()
-            self._claiming[scope] = marker = loop.create_future()
-            try:
-                record = await self.store.claim(
-                    key.id, idempotency_key, fp, request_id, stream, self.instance
-                )
+            record = None
+            if self.ledger is not None:
+                # Held already? (A read: the claim itself is written with the open.)
+                record = await self.store.get(key.id, idempotency_key)
+                if record is None and scope in self._claiming:
+                    continue  # another request here started to claim it meanwhile
+            if record is None:
+                request_id = new_request_id()
+                self._claiming[scope] = marker = loop.create_future()
+                try:
+                    claim = None
+                    if self.ledger is None:
+                        record = await self.store.claim(
+                            key.id, idempotency_key, fp, request_id, stream, self.instance
+                        )
+                    else:
+                        claim = Claim(idempotency_key, fp, stream, self.store.ttl)
+                    if record is None:
+                        return await self._generate(
+                            scope, request_id, stream, last_event_id, generate, claim
+                        )
+                except KeyClaimed:
+                    pass  # another request (on another replica) claimed it first
+                finally:
+                    del self._claiming[scope]
+                    marker.set_result(None)
                 if record is None:
-                    return await self._generate(scope, request_id, stream, last_event_id, generate)
-            finally:
-                del self._claiming[scope]
-                marker.set_result(None)
+                    continue  # read who holds it
             if record.fingerprint != fp:
                 raise IdempotencyKeyReused(
                     f"This '{HEADER}' was already used with a different request body; "
@@ -229,12 +256,15 @@ class IdempotencyService:
         stream: bool,
         last_event_id: int | None,
         generate: Generate,
+        claim: Claim | None,
     ) -> ASGIApp:
         try:
-            response = await generate(request_id, scope[1])
+            response = await generate(request_id, scope[1], claim)
+        except KeyClaimed:
+            raise  # nothing was claimed
         except BaseException:
             # Not admitted (or not started): a retry may generate.
-            await asyncio.shield(self.store.release(scope[0], scope[1], request_id))
+            await asyncio.shield(self._end(ClaimEnd(scope[0], scope[1], request_id)))
             raise
         rlog = RequestLog(request_id, stream, self.settings.max_log_bytes)
         self.logs[request_id] = rlog
@@ -253,24 +283,39 @@ class IdempotencyService:
     async def _done(self, scope: tuple[str, str], rlog: RequestLog) -> None:
         """Keep a finished response for replay (or release the key), then free the log."""
         try:
+            end = ClaimEnd(scope[0], scope[1], rlog.request_id)
             if rlog.complete and rlog.status == 200:
                 body = (
                     None
                     if rlog.truncated
                     else (b"".join(rlog.events) if rlog.sse else rlog.body_bytes)
                 )
-                await self.store.finish(
-                    scope[0], scope[1], rlog.request_id, 200, rlog.content_type, body
-                )
-            else:
-                # An error, or abandoned by its client: nothing whole was answered,
-                # so a retry generates anew.
-                await self.store.release(scope[0], scope[1], rlog.request_id)
+                end.status_code, end.content_type, end.body = 200, rlog.content_type, pack(body)
+            # Else an error, or abandoned by its client: nothing whole was answered,
+            # so the key is released and a retry generates anew.
+            await self._end(end)
         finally:
             self.logs.pop(rlog.request_id, None)
             if self.remote is not None:
                 with contextlib.suppress(Exception):
                     await self.remote.forget(rlog.request_id)
+
+    async def _end(self, end: ClaimEnd) -> None:
+        """Store the result (or release the key): with the ledger's closes if it runs."""
+        if self.ledger is not None:
+            await self.ledger.end_claim(end)
+        elif end.release:
+            await self.store.release(end.key_id, end.idempotency_key, end.request_id)
+        else:
+            assert end.status_code is not None and end.content_type is not None
+            await self.store.finish(
+                end.key_id,
+                end.idempotency_key,
+                end.request_id,
+                end.status_code,
+                end.content_type,
+                end.body,
+            )
 
     async def _existing(self, record: Record, last_event_id: int | None) -> ASGIApp | None:
         """A reader of the request that holds the key; None: not readable yet."""

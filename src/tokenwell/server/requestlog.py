@@ -52,6 +52,8 @@ class Truncated(Exception):
 
 def split_events(body: bytes) -> list[bytes]:
     """SSE bytes → one ``data: …\\n\\n`` block per event (comments dropped)."""
+    if body.endswith(b"\n\n") and body.find(b"\n\n") == len(body) - 2 and body[:1] != b":":
+        return [body]  # one event: what a stream sends per token
     return [part + b"\n\n" for part in body.split(b"\n\n") if part and not part.startswith(b":")]
 
 
@@ -87,6 +89,10 @@ class RequestLog:
         self.readers = 0
         self.on_idle: Callable[[], None] | None = None
         self.on_active: Callable[[], None] | None = None
+        self.on_change: Callable[[RequestLog], None] | None = None  # a mirror's
+        # A reader that caught up: the producer writes new events straight to its
+        # connection (LogReader.push) instead of waking it for each.
+        self.sink: LogReader | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
     @classmethod
@@ -161,6 +167,8 @@ class RequestLog:
     def finish(self) -> None:
         if not self.done:
             self.done = True
+            if self.sink is not None:
+                self.sink.unsink(None)
             self._notify()
 
     # ---------------------------------------------------------------- readers
@@ -209,6 +217,10 @@ class RequestLog:
                 self._waiters.remove(waiter)
 
     def _notify(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+        if not self._waiters:
+            return
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             _resolve(waiter)
@@ -277,8 +289,15 @@ class Producer:
             return
         body = message.get("body", b"")
         if rlog.sse:
-            if body and body != sse.KEEPALIVE:
-                rlog.append(split_events(body))
+            if body == sse.KEEPALIVE:
+                if rlog.sink is not None:
+                    rlog.sink.deliver(body)
+            elif body:
+                start = rlog.end
+                events = split_events(body)
+                rlog.append(events)
+                if rlog.sink is not None:
+                    rlog.sink.push(events, start)
         else:
             rlog.body_bytes += body
         if not message.get("more_body", False):
@@ -345,6 +364,61 @@ class LogReader:
         self.keepalive = keepalive
         self.reopen = reopen
         self.gone = False
+        self._send: Send | None = None
+        self._sunk: asyncio.Future[Any] | None = None
+
+    # ------------------------------------------------ written to by the producer
+
+    def push(self, events: list[bytes], start: int) -> None:
+        """New events, numbered from ``start``, for this caught-up reader (the log's
+        sink): written to its connection now, from the producer's task."""
+        if start != self.next:  # pragma: no cover - a sink is always caught up
+            self.unsink(None)
+            return
+        self.next = start + len(events)
+        self.deliver(b"".join(b"id: %d\n%s" % (n, e) for n, e in enumerate(events, start)))
+
+    def deliver(self, body: bytes) -> None:
+        """Send ``body`` without making the producer wait: a send that cannot finish
+        now (the connection is slow: uvicorn waits for its buffer to drain before
+        writing) is handed to this reader's own task, which finishes it and goes
+        back to reading the log; the producer generates on, as for any reader."""
+        assert self._send is not None
+        message = {"type": "http.response.body", "body": body, "more_body": True}
+        sending = self._send(message)
+        try:
+            pending = sending.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            return  # written: the usual case
+        except Exception as exc:
+            self.unsink(exc)
+            return
+        self.unsink((sending, pending))
+
+    def unsink(self, outcome: Any) -> None:
+        """Stop being the log's sink; wake this reader's task with ``outcome``:
+        None, an exception to raise, or a send to finish."""
+        view = self.view
+        if isinstance(view, RequestLog) and view.sink is self:
+            view.sink = None
+        sunk, self._sunk = self._sunk, None
+        if sunk is not None and not sunk.done():
+            sunk.set_result(outcome)
+
+    async def _sink(self, view: RequestLog) -> None:
+        """Caught up with a live log: be its sink until it ends or a send waits."""
+        view.sink = self
+        self._sunk = sunk = asyncio.get_running_loop().create_future()
+        try:
+            outcome = await sunk
+        finally:
+            if view.sink is self:
+                view.sink = None
+            self._sunk = None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is not None:
+            await _finish_send(*outcome)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
@@ -424,7 +498,17 @@ class LogReader:
             await send({"type": "http.response.body", "body": body, "more_body": False})
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
+        self._send = send
         while True:
+            view = self.view
+            if (
+                isinstance(view, RequestLog)
+                and view.sink is None
+                and not view.done
+                and self.next == view.end
+            ):
+                await self._sink(view)
+                continue
             try:
                 events, done = await self.view.read(self.next, self.keepalive)
             except LogGone:
@@ -461,6 +545,27 @@ class LogReader:
         error = StreamRenderer.error(message, "interrupted")
         out = b"id: %d\n%sid: %d\n%s" % (self.next, error, self.next + 1, sse.DONE)
         await send({"type": "http.response.body", "body": out, "more_body": False})
+
+
+async def _finish_send(sending: Any, pending: Any) -> None:
+    """Run a send that ``LogReader.deliver`` began on another task to its end, here:
+    what a task does with a coroutine that waits (``pending``: what it waits on)."""
+    while True:
+        try:
+            if pending is None:
+                await asyncio.sleep(0)
+            else:
+                await pending
+        except BaseException as exc:  # cancelled (the client left): the send ends too
+            try:
+                pending = sending.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            pending = sending.send(None)
+        except StopIteration:
+            return
 
 
 # ---------------------------------------------------------------------- Redis
