@@ -36,8 +36,9 @@ from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_error
 from tokenwell.server.idempotent import IdempotencyService
+from tokenwell.server.messages import MessagesService
 from tokenwell.server.metrics import Metrics
-from tokenwell.server.routes import admin, chat, health, models, openapi, usage
+from tokenwell.server.routes import admin, chat, health, messages, models, openapi, usage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Services:
     engine_errors: dict[str, str] = field(default_factory=dict)
     # Called once if no model at all can be served (every engine failed to start).
     on_fatal: Callable[[str], None] | None = None
+    messages: MessagesService | None = None
 
 
 def create_app(
@@ -78,6 +80,8 @@ def create_app(
 
     routes = [
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
+        Route("/v1/messages", messages.create, methods=["POST"]),
+        Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),
         Route("/v1/usage", usage.own_usage, methods=["GET"]),
@@ -182,6 +186,7 @@ async def _running(
             recovered=recovered,
             on_fatal=on_fatal,
         )
+        services.messages = MessagesService(services.chat)
         for engine in engines:
             loading.append(asyncio.create_task(_start(engine, services)))
         yield services
