@@ -149,7 +149,8 @@ class ResponsesRequest:
     store: bool
     background: bool
     previous_response_id: str | None
-    include_obfuscation: bool = False
+    # The earlier turns this request continues (``previous_response_id``), as items.
+    history: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -595,6 +596,7 @@ def parse_responses_request(
         store=body.store is not False,
         background=bool(body.background),
         previous_response_id=body.previous_response_id,
+        history=list(history or []),
         raw=data,
     )
 
@@ -972,3 +974,72 @@ def input_item_objects(items: list[dict[str, Any]], response_id: str) -> list[di
         obj.setdefault("status", "completed")
         out.append(obj)
     return out
+
+
+class ResponsesCodec:
+    """``/v1/responses`` as a ``protocol.codec.Codec``: events with ``event:`` lines.
+
+    A stream opens with ``response.created`` and ``response.in_progress`` and
+    ends with the terminal event, whose response carries ``usage``; there is no
+    ``[DONE]``. A stream the server cuts short ends ``response.failed`` (or,
+    when ``cancelled`` was set first, with the response ``cancelled``).
+    """
+
+    media_type = b"text/event-stream; charset=utf-8"
+    keepalive = b": keep-alive\n\n"
+
+    def __init__(self, encoder: ResponsesEncoder, *, opened: bool = False) -> None:
+        self.encoder = encoder
+        # A background response's log already holds created/in_progress.
+        self._opened = opened
+        self._meter: Meter | None = None
+        self.cancelled = False
+
+    @property
+    def id(self) -> str:
+        return self.encoder.id
+
+    @property
+    def final(self) -> dict[str, Any] | None:
+        return self.encoder.final
+
+    def head(self, meter: Meter) -> bytes:
+        self._meter = meter
+        if self._opened:
+            return b""
+        self._opened = True
+        return b"".join(frame(e) for e in self.encoder.start())
+
+    def render(self, event: Event) -> bytes:
+        return b"".join(frame(e) for e in self.encoder.feed(event))
+
+    def end(self, meter: Meter) -> bytes:
+        return b"".join(frame(e) for e in self.encoder.finish(meter))
+
+    def after_failure(self) -> bytes:
+        return b"".join(frame(e) for e in self.encoder.finish(self._meter or Meter()))
+
+    def error(self, message: str, code: str) -> bytes:
+        meter = self._meter or Meter()
+        if self.cancelled:
+            return b"".join(frame(e) for e in self.encoder.finish(meter, "cancelled"))
+        self.encoder.failure = Failed(message, code)
+        return b"".join(frame(e) for e in self.encoder.finish(meter, "failed"))
+
+    def add(self, event: Event) -> None:
+        self.encoder.feed(event)
+
+    def body(self, meter: Meter) -> dict[str, Any]:
+        self.encoder.finish(meter)
+        assert self.encoder.final is not None
+        return self.encoder.final
+
+    def error_body(self, failure: Failed) -> tuple[int, dict[str, Any]]:
+        return failure.http, {
+            "error": {
+                "message": failure.message,
+                "type": failure.type,
+                "param": None,
+                "code": failure.code,
+            }
+        }

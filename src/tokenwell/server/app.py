@@ -27,6 +27,7 @@ from tokenwell.billing.keychanges import key_changes
 from tokenwell.billing.keys import KeyHasher, KeyStore
 from tokenwell.billing.ledger import Ledger
 from tokenwell.billing.ratelimit import LocalRateLimiter, RateLimiter, RedisRateLimiter
+from tokenwell.billing.responses import ResponseStore
 from tokenwell.config import Settings
 from tokenwell.engines.base import Engine
 from tokenwell.engines.registry import create_engine
@@ -38,7 +39,9 @@ from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_
 from tokenwell.server.idempotent import IdempotencyService
 from tokenwell.server.messages import MessagesService
 from tokenwell.server.metrics import Metrics
+from tokenwell.server.responses_api import ResponsesService
 from tokenwell.server.routes import admin, chat, health, messages, models, openapi, usage
+from tokenwell.server.routes import responses as responses_routes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class Services:
     engine_errors: dict[str, str] = field(default_factory=dict)
     # Called once if no model at all can be served (every engine failed to start).
     on_fatal: Callable[[str], None] | None = None
+    responses: ResponsesService | None = None
     messages: MessagesService | None = None
 
 
@@ -82,6 +86,14 @@ def create_app(
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
         Route("/v1/messages", messages.create, methods=["POST"]),
         Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
+        Route("/v1/responses", responses_routes.create, methods=["POST"]),
+        Route("/v1/responses/input_tokens", responses_routes.input_tokens, methods=["POST"]),
+        Route("/v1/responses/{response_id}", responses_routes.retrieve, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses_routes.delete, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/cancel", responses_routes.cancel, methods=["POST"]),
+        Route(
+            "/v1/responses/{response_id}/input_items", responses_routes.input_items, methods=["GET"]
+        ),
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", models.get_model, methods=["GET"]),
         Route("/v1/usage", usage.own_usage, methods=["GET"]),
@@ -131,6 +143,7 @@ async def _running(
     journal: Journal | None = None
     idempotency: IdempotencyService | None = None
     loading: list[asyncio.Task[None]] = []
+    services: Services | None = None
     changes = key_changes(settings.redis.url, db.sqlite_path)
     try:
         await db.migrate()
@@ -187,10 +200,13 @@ async def _running(
             on_fatal=on_fatal,
         )
         services.messages = MessagesService(services.chat)
+        services.responses = ResponsesService(services.chat, ResponseStore(db))
         for engine in engines:
             loading.append(asyncio.create_task(_start(engine, services)))
         yield services
     finally:
+        if services is not None and services.responses is not None:
+            await services.responses.stop()  # background responses: ended and stored
         for task in loading:
             task.cancel()
         for engine in engines:
