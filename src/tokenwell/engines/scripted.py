@@ -253,7 +253,7 @@ class ScriptedEngine(Engine):
                 if released.text:
                     events.append(TextDelta(choice, released.text))
                 if released.stopped:
-                    events.append(Finish(choice, "stop"))
+                    events.append(Finish(choice, "stop", texts[choice].matched))
                     live.discard(choice)
                 elif produced >= max_tokens:
                     tail = texts[choice].flush()

@@ -31,6 +31,7 @@ class TextAssembler:
         self._released = 0  # characters released so far
         self._entries: deque[tuple[int, dict[str, Any]]] | None = deque() if logprobs else None
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, piece: bytes, entry: dict[str, Any] | None = None) -> Released:
         text = self._decoder.decode(piece)
@@ -80,6 +81,7 @@ class TextAssembler:
             at = self._held.find(stop)
             if at >= 0 and (best is None or at < best):
                 best = at
+                self.matched = stop
         return best
 
     def _partial_stop(self) -> int:

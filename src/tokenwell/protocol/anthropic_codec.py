@@ -231,10 +231,9 @@ class AnthropicCodec:
 
     def _finish(self, event: Finish) -> None:
         self.stop_reason = STOP_REASONS.get(event.reason, "end_turn")
-        stop_sequence = getattr(event, "stop_sequence", None)
-        if event.reason == "stop" and stop_sequence is not None:
+        if event.reason == "stop" and event.stop_sequence is not None:
             self.stop_reason = "stop_sequence"
-            self.stop_sequence = stop_sequence
+            self.stop_sequence = event.stop_sequence
 
     def end(self, meter: Meter) -> bytes:
         delta = {

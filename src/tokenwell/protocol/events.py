@@ -39,6 +39,9 @@ class ToolCallArguments:
 class Finish:
     choice: int
     reason: FinishReason
+    # The stop string that ended the choice (reason "stop"), when one did:
+    # Anthropic's stop_reason "stop_sequence" names it.
+    stop_sequence: str | None = None
 
 
 @dataclass(slots=True, frozen=True)

@@ -502,7 +502,8 @@ class Scheduler:
             out.extend(seq.calls.finish())
             if seq.calls.calls and reason == "stop":
                 reason = "tool_calls"
-        out.append(Finish(seq.choice, reason))  # type: ignore[arg-type]
+        stop = seq.text.matched if reason == "stop" else None
+        out.append(Finish(seq.choice, reason, stop))  # type: ignore[arg-type]
         self._free_seq(seq)
         job = seq.job
         if all(s.done for s in job.seqs):
