@@ -482,6 +482,109 @@ def fuzz_chat(fuzzed: Fuzzed, examples: int, models: list[str] = MODELS) -> None
     run(cases, check, examples)
 
 
+def responses_requests(fuzzed: Fuzzed, models: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    base = from_schema(fuzzed.schemas["ResponseCreateRequest"], fuzzed.schemas)
+    part = st.fixed_dictionaries({"type": st.just("input_text"), "text": st.text(max_size=30)})
+    message = st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "developer", "system"]),
+            "content": st.one_of(st.text(max_size=30), st.lists(part, min_size=1, max_size=2)),
+        },
+        optional={"type": st.just("message"), "id": st.text(max_size=8)},
+    )
+    simple = st.fixed_dictionaries(
+        {"input": st.one_of(st.text(max_size=40), st.lists(message, min_size=1, max_size=3))},
+        optional={
+            "instructions": st.text(max_size=20),
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0, 1),
+            "stream": st.booleans(),
+            "store": st.booleans(),
+            "background": st.booleans(),
+            "reasoning": st.just({"summary": "auto"}),
+            "include": st.just(["reasoning.encrypted_content"]),
+            "prompt_cache_key": st.text(max_size=20),
+            "metadata": st.dictionaries(st.text(max_size=8), st.text(max_size=20), max_size=4),
+            "text": json_schemas.map(
+                lambda schema: {"format": {"type": "json_schema", "name": "o", "schema": schema}}
+            ),
+            "tools": json_schemas.map(
+                lambda schema: [{"type": "function", "name": "f", "parameters": schema}]
+            ),
+        },
+    )
+
+    def settle(body: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries(
+            {"model": st.sampled_from([*models, "nope"]), "max_output_tokens": st.integers(1, 16)}
+        ).map(lambda fixed: {**body, **fixed})
+
+    return st.one_of(base.flatmap(settle), simple.flatmap(settle), simple.flatmap(settle))
+
+
+def fuzz_responses(fuzzed: Fuzzed, examples: int, models: list[str] = MODELS) -> None:
+    cases = st.tuples(
+        bodies(responses_requests(fuzzed, models)),
+        auths,
+        st.sampled_from(["/v1/responses", "/v1/responses", "/v1/responses/input_tokens"]),
+    )
+
+    def check(case: tuple[bytes, str, str]) -> None:
+        body, auth, path = case
+        fuzzed.send(f"POST {path}", "POST", path, body=body, auth=_auth(fuzzed, auth))
+
+    run(cases, check, examples)
+
+
+def fuzz_response_ids(fuzzed: Fuzzed, examples: int) -> None:
+    """Stored-response routes, with ids that exist (this key's, another's) and any text."""
+    made = fuzzed.send(
+        "POST /v1/responses",
+        "POST",
+        "/v1/responses",
+        body=b'{"model": "scripted", "input": "x", "background": true}',
+    ).json()["id"]
+    ids = st.one_of(st.just(made), odd_text.filter(bool).map(lambda t: t[:500]))
+    queries = st.fixed_dictionaries(
+        {},
+        optional={
+            "stream": st.sampled_from(["true", "false", "x"]),
+            "starting_after": st.one_of(
+                st.integers(-3, 40).map(str),
+                odd_text.map(
+                    lambda t: t[:50].encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+                ),
+            ),
+            "order": st.sampled_from(["asc", "desc", "x"]),
+            "limit": st.integers(-1, 200).map(str),
+            "after": st.text(max_size=10),
+        },
+    )
+    routes = st.sampled_from(
+        [
+            ("GET", "/v1/responses/{}"),
+            ("GET", "/v1/responses/{}/input_items"),
+            ("POST", "/v1/responses/{}/cancel"),
+            ("DELETE", "/v1/responses/{}"),
+        ]
+    )
+
+    def check(case: tuple[tuple[str, str], str, dict[str, str], str]) -> None:
+        (method, template), response_id, params, auth = case
+        if method == "DELETE" and response_id == made and auth == "master":
+            return  # keep it for the other routes
+        raw = quote(response_id.encode("utf-8", "surrogatepass"), safe="")
+        fuzzed.send(
+            f"{method} {template}",
+            method,
+            template.format(raw),
+            params=params,
+            auth=_auth(fuzzed, auth),
+        )
+
+    run(st.tuples(routes, ids, queries, auths), check, examples)
+
+
 def fuzz_admin_keys(fuzzed: Fuzzed, examples: int) -> None:
     created = from_schema(fuzzed.schemas["KeyCreate"], fuzzed.schemas)
     fields = from_schema(fuzzed.schemas["KeyFields"], fuzzed.schemas)
@@ -585,6 +688,12 @@ def test_fuzz_chat_completions(fuzzed: Fuzzed) -> None:
     assert fuzzed.ok.get("POST /v1/chat/completions", 0) >= EXAMPLES // 20, fuzzed.ok
 
 
+def test_fuzz_responses(fuzzed: Fuzzed) -> None:
+    fuzz_responses(fuzzed, EXAMPLES)
+    assert fuzzed.ok.get("POST /v1/responses", 0) >= EXAMPLES // 20, fuzzed.ok
+    fuzz_response_ids(fuzzed, EXAMPLES)
+
+
 def test_fuzz_admin_keys(fuzzed: Fuzzed) -> None:
     fuzz_admin_keys(fuzzed, EXAMPLES)
     assert fuzzed.ok.get("POST /admin/keys", 0) >= EXAMPLES // 20, fuzzed.ok
@@ -612,6 +721,7 @@ def test_after_the_fuzz_the_server_is_healthy_and_flat(fuzzed: Fuzzed) -> None:
     fuzz_chat(fuzzed, rounds)  # warm: every path taken once more
     rss_before, fds_before = settled()
     fuzz_chat(fuzzed, rounds)
+    fuzz_responses(fuzzed, rounds)
     fuzz_admin_keys(fuzzed, rounds)
     fuzz_admin_queries(fuzzed, rounds)
     fuzz_paths(fuzzed, rounds)

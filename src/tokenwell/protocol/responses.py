@@ -96,7 +96,7 @@ class _Text(_Lenient):
 Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
-class _Body(_Lenient):
+class _ResponsesBody(_Lenient):
     model: str
     input: str | list[Any] | None = None
     instructions: str | None = None
@@ -164,9 +164,9 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return data
 
 
-def check_request(data: dict[str, Any]) -> _Body:
+def check_request(data: dict[str, Any]) -> _ResponsesBody:
     try:
-        body = _Body.model_validate(data)
+        body = _ResponsesBody.model_validate(data)
     except ValidationError as exc:
         raise first_error(exc) from exc
     if body.conversation is not None:
@@ -448,7 +448,9 @@ def _tool_choice(choice: str | dict[str, Any] | None, tools: list[dict[str, Any]
         return {"type": "function", "function": {"name": name}}
     if kind == "allowed_tools":
         mode = choice.get("mode", "auto")
-        allowed = {t.get("name") for t in choice.get("tools") or [] if isinstance(t, dict)}
+        listed = choice.get("tools")
+        listed = listed if isinstance(listed, list) else []
+        allowed = {t.get("name") for t in listed if isinstance(t, dict)}
         tools[:] = [t for t in tools if t["function"]["name"] in allowed]
         return "required" if mode == "required" and tools else ("auto" if tools else "none")
     raise InvalidRequest(
@@ -481,7 +483,7 @@ def _text_format(fmt: _Format | None) -> dict[str, Any] | None:
 
 
 def to_chat(
-    body: _Body,
+    body: _ResponsesBody,
     history: list[dict[str, Any]],
     items: list[dict[str, Any]],
 ) -> ChatRequest:

@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from tokenwell.billing.keys import KeyFields
 from tokenwell.protocol import requests as chat_requests
+from tokenwell.protocol import responses as responses_codec
 
 _REF = "#/components/schemas/{model}"
 
@@ -31,6 +32,10 @@ _NAMES: dict[type[BaseModel], str] = {
     chat_requests._ToolCallIn: "ToolCall",
     chat_requests._FunctionCall: "FunctionCall",
     KeyFields: "KeyFields",
+    responses_codec._ResponsesBody: "ResponseCreateRequest",
+    responses_codec._Format: "ResponseTextFormat",
+    responses_codec._Reasoning: "ResponseReasoning",
+    responses_codec._Text: "ResponseText",
 }
 
 
@@ -80,6 +85,51 @@ def _schemas() -> dict[str, Any]:
         },
     }
     defs["Object"] = {"type": "object", "title": "Object", "additionalProperties": True}
+    responses = defs["ResponseCreateRequest"]
+    responses["description"] = "A Responses API request."
+    responses["properties"]["input"]["anyOf"][1]["items"] = {
+        "oneOf": [_ref(n) for n in ("InputMessage", "FunctionCallItem", "FunctionCallOutputItem")]
+    }
+    text_part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {
+            "type": {"enum": ["input_text", "output_text"]},
+            "text": {"type": "string"},
+        },
+    }
+    defs["InputMessage"] = {
+        "type": "object",
+        "title": "InputMessage",
+        "required": ["role", "content"],
+        "properties": {
+            "type": {"const": "message"},
+            "role": {"enum": ["user", "assistant", "system", "developer"]},
+            "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+            "id": {"type": "string"},
+        },
+    }
+    defs["FunctionCallItem"] = {
+        "type": "object",
+        "title": "FunctionCallItem",
+        "required": ["type", "call_id", "name", "arguments"],
+        "properties": {
+            "type": {"const": "function_call"},
+            "call_id": {"type": "string"},
+            "name": {"type": "string"},
+            "arguments": {"type": "string"},
+        },
+    }
+    defs["FunctionCallOutputItem"] = {
+        "type": "object",
+        "title": "FunctionCallOutputItem",
+        "required": ["type", "call_id", "output"],
+        "properties": {
+            "type": {"const": "function_call_output"},
+            "call_id": {"type": "string"},
+            "output": {"type": "string"},
+        },
+    }
     return defs
 
 
@@ -158,6 +208,7 @@ def _paths() -> dict[str, Any]:
                 body="ChatCompletionRequest",
             )
         },
+        **_responses_paths(),
         "/v1/models": {"get": _operation("The models this key may use", {"200": _json("Object")})},
         "/v1/models/{model}": {
             "get": _operation(
@@ -258,6 +309,80 @@ def _paths() -> dict[str, Any]:
         },
         "/openapi.json": {
             "get": _operation("This document", {"200": _json("Object")}, errors=(), public=True)
+        },
+    }
+
+
+def _responses_paths() -> dict[str, Any]:
+    create_ok = {
+        "200": {
+            "description": "A response object (JSON), or its events as server-sent events",
+            "content": {
+                "application/json": {"schema": _ref("Object")},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        }
+    }
+    one = [_path("response_id")]
+    return {
+        "/v1/responses": {
+            "post": _operation(
+                "Create a response (OpenAI Responses API)",
+                create_ok,
+                errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
+                body="ResponseCreateRequest",
+            )
+        },
+        "/v1/responses/input_tokens": {
+            "post": _operation(
+                "Count a request's input tokens",
+                {"200": _json("Object")},
+                errors=(400, 401, 403, 404, 413),
+                body="ResponseCreateRequest",
+            )
+        },
+        "/v1/responses/{response_id}": {
+            "get": _operation(
+                "A stored response; a background response's events with stream=true",
+                create_ok,
+                errors=(400, 401, 404),
+                parameters=[
+                    *one,
+                    _query("stream", {"type": "boolean"}, "Stream the events (background)"),
+                    _query(
+                        "starting_after",
+                        {"type": "integer", "minimum": 0},
+                        "The events after this sequence number",
+                    ),
+                ],
+            ),
+            "delete": _operation(
+                "Delete a stored response",
+                {"200": _json("Object")},
+                errors=(401, 404),
+                parameters=one,
+            ),
+        },
+        "/v1/responses/{response_id}/cancel": {
+            "post": _operation(
+                "Cancel a background response (billed for what was generated)",
+                {"200": _json("Object")},
+                errors=(400, 401, 404),
+                parameters=one,
+            )
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": _operation(
+                "A stored response's input items",
+                {"200": _json("Object")},
+                errors=(400, 401, 404),
+                parameters=[
+                    *one,
+                    _query("order", {"type": "string", "enum": ["asc", "desc"]}, "Order"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "How many"),
+                    _query("after", {"type": "string"}, "Items after this id"),
+                ],
+            )
         },
     }
 
