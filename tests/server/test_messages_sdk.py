@@ -264,7 +264,7 @@ def test_real_model_create_and_stream(model_server: Server) -> None:
     args: dict[str, Any] = dict(
         model=MODEL,
         max_tokens=16,
-        temperature=0,
+        extra_body={"temperature": 0},  # not a parameter of SDK 2.x's create
         messages=[{"role": "user", "content": "Count to five."}],
     )
     message = sdk.messages.create(**args)
@@ -290,7 +290,7 @@ def test_real_model_tool_use_over_two_turns(model_server: Server) -> None:
     first = sdk.messages.create(
         model=MODEL,
         max_tokens=64,
-        temperature=0,
+        extra_body={"temperature": 0},  # not a parameter of SDK 2.x's create
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "tool", "name": "get_weather"},
         messages=ask,  # type: ignore[arg-type]
@@ -301,7 +301,7 @@ def test_real_model_tool_use_over_two_turns(model_server: Server) -> None:
     second = sdk.messages.create(
         model=MODEL,
         max_tokens=24,
-        temperature=0,
+        extra_body={"temperature": 0},  # not a parameter of SDK 2.x's create
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "none"},
         messages=[
