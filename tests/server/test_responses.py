@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,7 +12,8 @@ import orjson
 import pytest
 from pydantic import BaseModel
 
-from tests.support import Server, ledger_row
+from tests.conftest import REDIS_URL
+from tests.support import SCRIPTED_CONFIG, Server, ledger_row
 from tokenwell.protocol.sse import SSEDecoder
 
 
@@ -280,28 +282,47 @@ def _wait_status(client: openai.OpenAI, response_id: str, timeout: float = 30) -
 
 def test_background_poll_and_resume(scripted_server: Server) -> None:
     client = scripted_server.client()
-    started = client.responses.create(
+    raw = client.responses.with_raw_response.create(
         model="scripted", input=script(text="a b c d e f", delay=0.05), background=True
     )
+    started = raw.parse()
     assert started.status == "queued"
     assert started.background is True
     stream = client.responses.retrieve(started.id, stream=True, starting_after=2)
-    numbers = []
-    for event in stream:
-        numbers.append(event.sequence_number)
+    numbers = [event.sequence_number for event in stream]
     assert numbers[0] == 3
     assert numbers == list(range(3, numbers[-1] + 1))
     done = _wait_status(client, started.id)
     assert done.status == "completed"
     assert done.output_text == "a b c d e f"
-    with scripted_server.http() as http:
-        rows = http.get("/admin/requests", params={"limit": 5}).json()
-    assert rows  # billed: one row per response (checked by id below)
+    # One ledger row, billed once, with the response's usage.
+    row = ledger_row(scripted_server, raw.headers["x-request-id"])
+    assert row["status"] == "completed"
+    assert done.usage is not None
+    assert row["completion_tokens"] == done.usage.output_tokens == 6
+    assert row["prompt_tokens"] == done.usage.input_tokens
+
+
+def test_background_streamed_from_the_start(scripted_server: Server) -> None:
+    client = scripted_server.client()
+    events = list(
+        client.responses.create(
+            model="scripted", input=script(text="p q r"), background=True, stream=True
+        )
+    )
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    response_id = events[-1].response.id  # type: ignore[union-attr]
+    assert _wait_status(client, response_id).output_text == "p q r"
 
 
 def test_background_cancel_bills_what_was_generated(scripted_server: Server) -> None:
     client = scripted_server.client()
-    started = client.responses.create(model="scripted-slow", input="go", background=True)
+    raw = client.responses.with_raw_response.create(
+        model="scripted-slow", input="go", background=True
+    )
+    started = raw.parse()
     time.sleep(0.3)
     cancelled = client.responses.cancel(started.id)
     assert cancelled.status == "cancelled"
@@ -311,6 +332,13 @@ def test_background_cancel_bills_what_was_generated(scripted_server: Server) -> 
     assert client.responses.retrieve(started.id).status == "cancelled"
     # Cancelling again answers the same response.
     assert client.responses.cancel(started.id).status == "cancelled"
+    row = ledger_row(scripted_server, raw.headers["x-request-id"])
+    assert row["status"] == "cancelled"
+    assert row["completion_tokens"] == generated
+    # A response that was not made in the background cannot be cancelled.
+    plain = client.responses.create(model="scripted", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.cancel(plain.id)
 
 
 def test_unknown_response(scripted_server: Server) -> None:
@@ -330,3 +358,19 @@ def test_bad_key_is_a_401_in_the_error_shape(scripted_server: Server) -> None:
     )
     assert reply.status_code == 401
     assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_background_stream_on_another_replica(tmp_path: Path, pg_url: str) -> None:
+    """Started on one replica, its events read on the other through Redis."""
+    env = {"TOKENWELL_DATABASE_URL": pg_url, "TOKENWELL_REDIS_URL": REDIS_URL}
+    with (
+        Server(tmp_path / "a", SCRIPTED_CONFIG, env=env) as a,
+        Server(tmp_path / "b", SCRIPTED_CONFIG, env=env) as b,
+    ):
+        started = a.client().responses.create(
+            model="scripted", input=script(text="u v w x y z", delay=0.05), background=True
+        )
+        events = list(b.client().responses.retrieve(started.id, stream=True, starting_after=1))
+        assert [e.sequence_number for e in events] == list(range(2, len(events) + 2))
+        assert events[-1].type == "response.completed"
+        assert _wait_status(b.client(), started.id).output_text == "u v w x y z"

@@ -60,6 +60,7 @@ FINAL_STATUSES = (
     "rejected",
     "interrupted",
     "slow_client",
+    "cancelled",  # a background response cancelled (Responses API): billed as generated
 )
 
 

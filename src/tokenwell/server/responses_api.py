@@ -74,6 +74,7 @@ class _Live:
     log: RequestLog
     producer: Producer
     done: asyncio.Event
+    queued: dict[str, Any]
 
 
 class ResponsesService:
@@ -81,7 +82,14 @@ class ResponsesService:
         self.chat = chat
         self.store = store
         self.live: dict[str, _Live] = {}
+        # With Redis, a background response's log is mirrored there, so that
+        # ``?stream=true`` reads it on any replica (server.requestlog.RedisLogs).
+        self.remote = chat.idempotency.remote if chat.idempotency is not None else None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def keepalive(self) -> float:
+        return self.chat.keepalive_seconds
 
     async def stop(self) -> None:
         """Shut-down: background generations end (billed ``interrupted``) and are stored."""
@@ -142,7 +150,10 @@ class ResponsesService:
         history = [*rr.history, *rr.input_items]
         response, ticket = await self._generate(key, rr, engine, codec, started)
         if rr.background:
-            return await self._background(key, rr, codec, response, ticket, history)
+            live = await self._background(key, rr, codec, response, ticket, history)
+            if rr.stream:  # streamed from its start, as a reader of its log
+                return LogReader(live.log, after=None, replayed=False, keepalive=self.keepalive)
+            return json_response(live.queued, headers=ticket.headers)
         if not rr.store:
             return response
         return _Storing(response, codec, partial(self._store_final, key, rr, ticket, history))
@@ -216,7 +227,7 @@ class ResponsesService:
         response: GenerationResponse,
         ticket: Ticket,
         history: list[dict[str, Any]],
-    ) -> Response:
+    ) -> _Live:
         assert self.store is not None
         queued = codec.encoder.snapshot("queued")
         await self.store.put(
@@ -228,10 +239,16 @@ class ResponsesService:
         )
         rlog = RequestLog(codec.id, True, MAX_LOG_BYTES)
         done = asyncio.Event()
-        producer = Producer(rlog, response, NEVER, partial(self._background_done, codec, done))
-        self.live[codec.id] = _Live(key.id, codec, response, rlog, producer, done)
+        producer = Producer(
+            rlog,
+            response,
+            NEVER,
+            partial(self._background_done, codec, done),
+            remote=self.remote,
+        )
+        live = self.live[codec.id] = _Live(key.id, codec, response, rlog, producer, done, queued)
         producer.start()
-        return json_response(queued, headers=ticket.headers)
+        return live
 
     async def _background_done(
         self, codec: ResponsesCodec, done: asyncio.Event, rlog: RequestLog
@@ -274,16 +291,25 @@ class ResponsesService:
         live = self._live(key, response_id)
         if stream:
             if live is None:
-                await self._stored(key, response_id)  # 404 when it is not there at all
+                stored = await self._stored(key, response_id)  # 404 when not there at all
+                if (
+                    self.remote is not None
+                    and stored.get("background")
+                    and await self.remote.exists(response_id)
+                ):  # running, or just ended, on another replica: its log is in Redis
+                    return LogReader(
+                        self.remote.view(response_id),
+                        after=after,
+                        replayed=False,
+                        keepalive=self.keepalive,
+                    )
                 raise InvalidRequest(
                     "This response can no longer be streamed: only a background response's "
                     f"events are held, for {int(FINISHED_LOG_SECONDS)} s after it ends.",
                     param="stream",
                     code="stream_unavailable",
                 )
-            return LogReader(
-                live.log, after=after, replayed=False, keepalive=self.chat.keepalive_seconds
-            )
+            return LogReader(live.log, after=after, replayed=False, keepalive=self.keepalive)
         if live is not None:
             codec = live.codec
             return json_response(codec.final or codec.encoder.snapshot())
@@ -316,9 +342,13 @@ class ResponsesService:
                     code="not_background",
                 )
             if stored["status"] not in TERMINAL:
-                raise APIError(
+                conflict = InvalidRequest(
                     "This response is running on another server; cancel it there.",
+                    param="response_id",
+                    code="response_elsewhere",
                 )
+                conflict.status = 409
+                raise conflict
             return json_response(stored)
         if not live.done.is_set():
             live.codec.cancelled = True
