@@ -54,6 +54,7 @@ def test_plain_message(scripted_server: Server) -> None:
     }
     row = ledger_row(scripted_server, r.headers["x-request-id"])
     assert (row["status"], row["prompt_tokens"], row["completion_tokens"]) == ("completed", 9, 5)
+    assert row["api"] == "messages"
 
 
 def test_stream_order_names_and_usage(scripted_server: Server) -> None:

@@ -270,6 +270,7 @@ class Accounting:
             reserved_nanos=reserve,
             instance=self.instance,
             user=request.user,
+            api=request.api,
         )
 
     async def _reject(self, key: KeyRecord, prepared: Prepared, request_id: str, why: str) -> None:

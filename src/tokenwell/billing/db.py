@@ -95,6 +95,8 @@ requests = Table(
     Column("idempotency_key", String(255), nullable=True),
     Column("replays", Integer, nullable=False, server_default="0"),
     Column("attachments", Integer, nullable=False, server_default="0"),
+    # The wire API the request came in by (migration 0005).
+    Column("api", String(32), nullable=False, server_default="chat.completions"),
     Index("ix_requests_key_day", "key_id", "day"),
     # Only the rows in flight (recovery's lookup), see migration 0002.
     Index(
@@ -169,6 +171,7 @@ OPEN_COLUMNS = (
     "closed_at",
     "error",
     "idempotency_key",
+    "api",
 )
 # What its close writes: (parameter of ``CloseRow.params()``, column). The
 # parameters are prefixed: a bound parameter may not share its column's name

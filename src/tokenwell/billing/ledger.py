@@ -94,6 +94,7 @@ class OpenRow:
     idempotency_key: str | None = None
     # Claim its Idempotency-Key in the same transaction (billing.claims).
     claim: Claim | None = None
+    api: str = "chat.completions"
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -115,6 +116,7 @@ class OpenRow:
             "closed_at": self.created_at if closed else None,
             "error": self.error if closed else None,
             "idempotency_key": self.idempotency_key,
+            "api": self.api,
         }
 
 

@@ -333,7 +333,7 @@ def validate_messages_request(data: dict[str, Any]) -> MessagesRequest:
     request = validate_chat_request(chat)
     if len(stops) > 4:
         request = _with_stops(request, tuple(dict.fromkeys(stops)))
-    return MessagesRequest(request, body.max_tokens, body.top_k)
+    return MessagesRequest(replace(request, api="messages"), body.max_tokens, body.top_k)
 
 
 def _with_stops(request: ChatRequest, stops: tuple[str, ...]) -> ChatRequest:

@@ -165,6 +165,8 @@ class ChatRequest:
     user: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # The wire API it came in by, for the ledger row; engines never read it.
+    api: str = "chat.completions"
 
 
 def decode_json(body: bytes) -> Any:
