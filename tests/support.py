@@ -154,6 +154,7 @@ price = { prompt = 1.0, cached_prompt = 0.5, completion = 2.0 }
 name = "scripted-64"
 engine = "scripted"
 reply_tokens = 64
+aliases = ["claude-sonnet-*", "gpt-4o-mini"]
 price = { prompt = 1.0, completion = 2.0 }
 
 [[models]]

@@ -25,7 +25,7 @@ import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -61,6 +61,10 @@ class ModelConfig(BaseModel):
     name: str = Field(min_length=1)
     engine: str = "llamacpp"
     price: Price = Field(default_factory=Price)
+    # Other names clients may ask for this model by (exact, or glob patterns such
+    # as "claude-*"), in every API: a client that sends its vendor's default
+    # model name reaches the model the operator chose.
+    aliases: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
 
     @property
     def options(self) -> dict[str, Any]:

@@ -271,3 +271,28 @@ def test_chat_errors_keep_the_openai_shape(scripted_server: Server) -> None:
     with scripted_server.http() as http:
         r = http.post("/v1/chat/completions", json={"model": "nope", "messages": []})
     assert set(r.json()) == {"error"}
+
+
+def test_aliases_reach_the_model_in_every_api(scripted_server: Server) -> None:
+    r = post(scripted_server, model="claude-sonnet-4-5-20250929", max_tokens=3)
+    assert r.status_code == 200, r.text
+    message = r.json()
+    assert message["model"] == "claude-sonnet-4-5-20250929"  # as asked
+    assert message["usage"]["output_tokens"] == 3 and message["stop_reason"] == "max_tokens"
+    row = ledger_row(scripted_server, r.headers["x-request-id"])
+    assert row["model"] == "scripted-64"  # billed as the model
+    with scripted_server.http() as http:
+        chat = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "gpt-4o-mini",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+        )
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["model"] == "scripted-64"
+        listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert listed["scripted-64"]["aliases"] == ["claude-sonnet-*", "gpt-4o-mini"]
+        assert "aliases" not in listed["scripted"]
+        assert http.get("/v1/models/gpt-4o-mini").json()["id"] == "scripted-64"

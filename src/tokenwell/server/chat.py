@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
+from fnmatch import fnmatchcase
 from functools import partial
 
 from starlette.requests import Request
@@ -42,13 +44,28 @@ log = logging.getLogger(__name__)
 
 
 class ModelRegistry:
-    """The served models by id."""
+    """The served models by id, and by their aliases (names, then glob patterns,
+    in the order of the config; a model's own name always wins)."""
 
     def __init__(self, engines: list[Engine]) -> None:
         self.engines = {engine.model_id: engine for engine in engines}
+        self.aliases: dict[str, Engine] = {}
+        self.patterns: list[tuple[str, Engine]] = []
+        for engine in engines:
+            for alias in engine.config.aliases:
+                if any(ch in alias for ch in "*?["):
+                    self.patterns.append((alias, engine))
+                else:
+                    self.aliases.setdefault(alias, engine)
+
+    def resolve(self, model: str) -> Engine | None:
+        engine = self.engines.get(model) or self.aliases.get(model)
+        if engine is None:
+            engine = next((e for p, e in self.patterns if fnmatchcase(model, p)), None)
+        return engine
 
     def get(self, model: str) -> Engine:
-        engine = self.engines.get(model)
+        engine = self.resolve(model)
         if engine is None:
             raise ModelNotFound(
                 f"The model `{model}` does not exist or you do not have access to it.",
@@ -102,6 +119,8 @@ class ChatService:
         body = await read_body(request, self.max_body_bytes)
         chat = parse_chat_request(body)
         engine = self.models.get(chat.model)
+        if chat.model != engine.model_id:  # an alias: billed and authorised as the model
+            chat = replace(chat, model=engine.model_id)
         self.accounting.authorize(key, chat.model)
         if self.policy is not None:
             self.policy.check_input(chat)

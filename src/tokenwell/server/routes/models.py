@@ -13,7 +13,15 @@ from tokenwell.server.responses import json_response
 
 def _model(engine: Engine) -> dict[str, Any]:
     card = engine.card()
-    return {"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by}
+    model: dict[str, Any] = {
+        "id": card.id,
+        "object": "model",
+        "created": card.created,
+        "owned_by": card.owned_by,
+    }
+    if engine.config.aliases:
+        model["aliases"] = list(engine.config.aliases)
+    return model
 
 
 async def list_models(request: Request) -> Response:
@@ -26,7 +34,6 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     services = request.app.state.services
     key = await services.accounting.authenticate(request.headers.get("authorization"))
-    model = request.path_params["model"]
-    engine = services.models.get(model)
-    services.accounting.authorize(key, model)
+    engine = services.models.get(request.path_params["model"])
+    services.accounting.authorize(key, engine.model_id)
     return json_response(_model(engine))
