@@ -99,17 +99,23 @@ class Fuzzed:
         self.statuses[response.status_code] = self.statuses.get(response.status_code, 0) + 1
         if response.is_success:
             self.ok[endpoint] = self.ok.get(endpoint, 0) + 1
-        check_answer(response, f"{method} {path} {params or ''} {body!r:.500}")
+        anthropic = path == "/v1/messages" or path.startswith(("/v1/messages/", "/v1/messages?"))
+        check_answer(response, f"{method} {path} {params or ''} {body!r:.500}", anthropic)
         return response
 
 
-def check_answer(response: httpx.Response, what: str) -> None:
+def check_answer(response: httpx.Response, what: str, anthropic: bool = False) -> None:
     assert response.status_code < 500, f"{response.status_code} for {what}: {response.text:.500}"
     if response.status_code >= 400:
         try:
             body = response.json()
         except ValueError:
             pytest.fail(f"{response.status_code} not JSON for {what}: {response.text:.300}")
+        if anthropic:  # the Messages API answers in Anthropic's error shape
+            assert set(body) == {"type", "error"} and body["type"] == "error", body
+            assert set(body["error"]) == {"type", "message"}, body
+            assert body["error"]["type"].endswith("_error") and body["error"]["message"]
+            return
         assert set(body) == {"error"}, body
         error = body["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
@@ -585,6 +591,59 @@ def fuzz_response_ids(fuzzed: Fuzzed, examples: int) -> None:
     run(st.tuples(routes, ids, queries, auths), check, examples)
 
 
+def messages_requests(fuzzed: Fuzzed, models: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    base = from_schema(fuzzed.schemas["MessagesRequest"], fuzzed.schemas)
+    text_block = st.fixed_dictionaries(
+        {"type": st.just("text"), "text": st.text(max_size=30)},
+        optional={"cache_control": st.just({"type": "ephemeral"})},
+    )
+    content = st.one_of(st.text(max_size=40), st.lists(text_block, min_size=1, max_size=2))
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "user", "system"]), "content": content}
+    )
+    simple = st.fixed_dictionaries(
+        {"messages": st.lists(message, min_size=1, max_size=3)},
+        optional={
+            "system": content,
+            "temperature": st.floats(0, 1),
+            "top_p": st.floats(0, 1),
+            "top_k": st.integers(0, 500),
+            "stream": st.booleans(),
+            "stop_sequences": st.lists(st.text(min_size=1, max_size=5), max_size=6),
+            "metadata": st.fixed_dictionaries({}, optional={"user_id": st.text(max_size=20)}),
+            "thinking": st.sampled_from([{"type": "adaptive"}, {"type": "disabled"}]),
+            "tools": json_schemas.map(lambda schema: [{"name": "f", "input_schema": schema}]),
+            "tool_choice": st.sampled_from(
+                [
+                    {"type": "auto"},
+                    {"type": "any"},
+                    {"type": "none"},
+                    {"type": "tool", "name": "f"},
+                    {"type": "auto", "disable_parallel_tool_use": True},
+                ]
+            ),
+        },
+    )
+
+    def settle(body: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries(
+            {"model": st.sampled_from([*models, "nope"]), "max_tokens": st.integers(1, 100_000)}
+        ).map(lambda fixed: {**body, **fixed})
+
+    return st.one_of(base.flatmap(settle), simple.flatmap(settle), simple.flatmap(settle))
+
+
+def fuzz_messages(fuzzed: Fuzzed, examples: int, models: list[str] = MODELS) -> None:
+    paths = ["/v1/messages", "/v1/messages?beta=true", "/v1/messages/count_tokens"]
+    cases = st.tuples(bodies(messages_requests(fuzzed, models)), auths, st.sampled_from(paths))
+
+    def check(case: tuple[bytes, str, str]) -> None:
+        body, auth, path = case
+        fuzzed.send(f"POST {path}", "POST", path, body=body, auth=_auth(fuzzed, auth))
+
+    run(cases, check, examples)
+
+
 def fuzz_admin_keys(fuzzed: Fuzzed, examples: int) -> None:
     created = from_schema(fuzzed.schemas["KeyCreate"], fuzzed.schemas)
     fields = from_schema(fuzzed.schemas["KeyFields"], fuzzed.schemas)
@@ -660,6 +719,8 @@ def test_openapi_document_describes_the_api(fuzzed: Fuzzed) -> None:
     assert doc["openapi"].startswith("3.1")
     for path in (
         "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/v1/models",
         "/v1/usage",
         "/admin/keys",
@@ -692,6 +753,11 @@ def test_fuzz_responses(fuzzed: Fuzzed) -> None:
     fuzz_responses(fuzzed, EXAMPLES)
     assert fuzzed.ok.get("POST /v1/responses", 0) >= EXAMPLES // 20, fuzzed.ok
     fuzz_response_ids(fuzzed, EXAMPLES)
+
+
+def test_fuzz_messages(fuzzed: Fuzzed) -> None:
+    fuzz_messages(fuzzed, EXAMPLES)
+    assert fuzzed.ok.get("POST /v1/messages", 0) >= EXAMPLES // 20, fuzzed.ok
 
 
 def test_fuzz_admin_keys(fuzzed: Fuzzed) -> None:

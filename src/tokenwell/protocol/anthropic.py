@@ -39,11 +39,11 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
 
 
-class _Metadata(_Strict):
+class _MessagesMetadata(_Strict):
     user_id: Annotated[str, Field(max_length=256)] | None = None
 
 
-class _ToolChoice(_Strict):
+class _MessagesToolChoice(_Strict):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None
@@ -65,7 +65,7 @@ IGNORED = ("thinking", "context_management", "output_config", "service_tier")
 REFUSED = ("container", "mcp_servers")
 
 
-class _Body(_Strict):
+class _MessagesBody(_Strict):
     model: str
     max_tokens: Annotated[int, Field(ge=1)]
     messages: list[dict[str, Any]]
@@ -76,8 +76,8 @@ class _Body(_Strict):
     top_p: Probability | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
-    tool_choice: _ToolChoice | None = None
-    metadata: _Metadata | None = None
+    tool_choice: _MessagesToolChoice | None = None
+    metadata: _MessagesMetadata | None = None
     thinking: dict[str, Any] | None = None
     context_management: dict[str, Any] | None = None
     output_config: dict[str, Any] | None = None
@@ -184,7 +184,7 @@ def _text_of(blocks: list[Any], param: str) -> str:
     return "\n".join(texts)
 
 
-def _messages(body: _Body) -> list[dict[str, Any]]:
+def _messages(body: _MessagesBody) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     if body.system is not None:
         system = _text_of(_blocks(body.system, ("system",)), "system")
@@ -235,7 +235,7 @@ def _messages(body: _Body) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(body: _Body) -> list[dict[str, Any]]:
+def _tools(body: _MessagesBody) -> list[dict[str, Any]]:
     tools = []
     for i, raw in enumerate(body.tools or ()):
         kind = raw.get("type") if isinstance(raw, dict) else None
@@ -254,7 +254,7 @@ def _tools(body: _Body) -> list[dict[str, Any]]:
     return tools
 
 
-def _tool_choice(body: _Body, tools: list[dict[str, Any]]) -> tuple[Any, bool | None]:
+def _tool_choice(body: _MessagesBody, tools: list[dict[str, Any]]) -> tuple[Any, bool | None]:
     choice = body.tool_choice
     if choice is None:
         return None, None
@@ -298,7 +298,7 @@ def parse_messages_request(body: bytes, *, counting: bool = False) -> MessagesRe
 
 
 def validate_messages_request(data: dict[str, Any]) -> MessagesRequest:
-    body: _Body = _validate(_Body, data, ())
+    body: _MessagesBody = _validate(_MessagesBody, data, ())
     for name in REFUSED:
         if getattr(body, name) is not None:
             raise _invalid(name, f"Invalid '{name}': not supported by this server.")

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from tokenwell.billing.keys import KeyFields
+from tokenwell.protocol import anthropic as messages_requests
 from tokenwell.protocol import requests as chat_requests
 from tokenwell.protocol import responses as responses_codec
 
@@ -32,6 +33,9 @@ _NAMES: dict[type[BaseModel], str] = {
     chat_requests._ToolCallIn: "ToolCall",
     chat_requests._FunctionCall: "FunctionCall",
     KeyFields: "KeyFields",
+    messages_requests._MessagesBody: "MessagesRequest",
+    messages_requests._MessagesToolChoice: "MessagesToolChoice",
+    messages_requests._MessagesMetadata: "MessagesMetadata",
     responses_codec._ResponsesBody: "ResponseCreateRequest",
     responses_codec._Format: "ResponseTextFormat",
     responses_codec._Reasoning: "ResponseReasoning",
@@ -85,6 +89,7 @@ def _schemas() -> dict[str, Any]:
         },
     }
     defs["Object"] = {"type": "object", "title": "Object", "additionalProperties": True}
+    _messages_schemas(defs)
     responses = defs["ResponseCreateRequest"]
     responses["description"] = "A Responses API request."
     responses["properties"]["input"]["anyOf"][1]["items"] = {
@@ -131,6 +136,84 @@ def _schemas() -> dict[str, Any]:
         },
     }
     return defs
+
+
+def _messages_schemas(defs: dict[str, Any]) -> None:
+    """The Anthropic Messages request: its messages' content blocks, tools and errors."""
+    request = defs["MessagesRequest"]
+    request["description"] = "An Anthropic Messages API request."
+    request["properties"]["messages"]["items"] = _ref("MessagesMessage")
+    request["properties"]["tools"]["anyOf"][0]["items"] = _ref("MessagesTool")
+    text = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    }
+    texts = {"anyOf": [{"type": "string"}, {"type": "array", "items": text}]}
+    defs["MessagesContentBlock"] = {
+        "title": "MessagesContentBlock",
+        "oneOf": [
+            text,
+            {
+                "type": "object",
+                "required": ["type", "id", "name", "input"],
+                "properties": {
+                    "type": {"const": "tool_use"},
+                    "id": {"type": "string", "minLength": 1},
+                    "name": {"type": "string"},
+                    "input": {"type": "object"},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["type", "tool_use_id"],
+                "properties": {
+                    "type": {"const": "tool_result"},
+                    "tool_use_id": {"type": "string", "minLength": 1},
+                    "content": texts,
+                    "is_error": {"type": "boolean"},
+                },
+            },
+        ],
+    }
+    defs["MessagesMessage"] = {
+        "type": "object",
+        "title": "MessagesMessage",
+        "required": ["role", "content"],
+        "additionalProperties": False,
+        "properties": {
+            "role": {"enum": ["user", "assistant", "system"]},
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": _ref("MessagesContentBlock")},
+                ]
+            },
+        },
+    }
+    defs["MessagesTool"] = {
+        "type": "object",
+        "title": "MessagesTool",
+        "required": ["name", "input_schema"],
+        "properties": {
+            "name": {"type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$"},
+            "description": {"type": "string"},
+            "input_schema": {"type": "object"},
+        },
+    }
+    defs["AnthropicError"] = {
+        "type": "object",
+        "title": "AnthropicError",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    }
 
 
 def _json(schema: str, description: str = "OK") -> dict[str, Any]:
@@ -209,6 +292,7 @@ def _paths() -> dict[str, Any]:
             )
         },
         **_responses_paths(),
+        **_messages_paths(),
         "/v1/models": {"get": _operation("The models this key may use", {"200": _json("Object")})},
         "/v1/models/{model}": {
             "get": _operation(
@@ -311,6 +395,46 @@ def _paths() -> dict[str, Any]:
             "get": _operation("This document", {"200": _json("Object")}, errors=(), public=True)
         },
     }
+
+
+def _messages_paths() -> dict[str, Any]:
+    why = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error (with retry-after)",
+        500: "api_error",
+        529: "overloaded_error",
+    }
+    errors = {str(s): _json("AnthropicError", text) for s, text in why.items()}
+    headers = [
+        {"name": "x-api-key", "in": "header", "required": False, "schema": {"type": "string"}},
+        {
+            "name": "anthropic-version",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+        },
+    ]
+    ok = {
+        "200": {
+            "description": "A message (JSON), or its events as server-sent events",
+            "content": {
+                "application/json": {"schema": _ref("Object")},
+                "text/event-stream": {"schema": {"type": "string"}},
+            },
+        }
+    }
+    create = _operation("Create a message (Anthropic Messages API)", ok, body="MessagesRequest")
+    count = _operation(
+        "Count a message request's input tokens", {"200": _json("Object")}, body="MessagesRequest"
+    )
+    for op in (create, count):
+        op["responses"].update(errors)
+        op["parameters"] = headers
+    return {"/v1/messages": {"post": create}, "/v1/messages/count_tokens": {"post": count}}
 
 
 def _responses_paths() -> dict[str, Any]:
