@@ -229,6 +229,10 @@ def test_items_become_chat_messages() -> None:
         ({"input": "x", "temperature": 3}, "temperature"),
         ({"input": "x", "nonsense": 1}, "nonsense"),
         ({}, "input"),
+        (
+            {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": ""}]},
+            "input",
+        ),
         ({"input": "x", "background": True, "store": False}, "background"),
         (
             {"input": "x", "text": {"format": {"type": "json_schema", "schema": {}}}},

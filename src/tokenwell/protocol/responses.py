@@ -134,6 +134,7 @@ class _ResponsesBody(_Lenient):
     context_management: Any = None
     prompt_cache_options: Any = None
     prewarm: Any = None
+    personality: Any = None
     ttl: Any = None
 
 
@@ -488,6 +489,7 @@ def to_chat(
     items: list[dict[str, Any]],
 ) -> ChatRequest:
     """The internal request: ``history`` (earlier turns) then this request's items."""
+    _check_calls_answered([*history, *items])
     messages: list[dict[str, Any]] = []
     if body.instructions:
         messages.append({"role": "system", "content": body.instructions})
@@ -532,6 +534,26 @@ def to_chat(
     except InvalidRequest as exc:
         exc.param = _responses_param(exc.param)
         raise
+
+
+def _check_calls_answered(items: list[dict[str, Any]]) -> None:
+    """Every function call has its output, and every output its call (as OpenAI checks)."""
+    calls = [i["call_id"] for i in items if i["type"] == "function_call"]
+    outputs = [i["call_id"] for i in items if i["type"] == "function_call_output"]
+    for call_id in outputs:
+        if call_id not in calls:
+            raise InvalidRequest(
+                f"No tool call found for function call output with call_id {call_id[:80]}.",
+                param="input",
+                code="invalid_value",
+            )
+    for call_id in calls:
+        if call_id not in outputs:
+            raise InvalidRequest(
+                f"No tool output found for function call {call_id[:80]}.",
+                param="input",
+                code="invalid_value",
+            )
 
 
 def _responses_param(param: str | None) -> str | None:
