@@ -251,6 +251,7 @@ class Producer:
         self.on_done = on_done
         self.remote = remote
         self.abandoned = False
+        self._streaming = False  # an SSE response has begun
         self._abandon = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -284,10 +285,35 @@ class Producer:
 
     async def _send(self, message: dict[str, Any]) -> None:
         rlog = self.log
+        body = message.get("body")
+        if (
+            self._streaming
+            and body
+            and message.get("more_body")
+            and body[-2:] == b"\n\n"
+            and body.find(b"\n\n") == len(body) - 2
+            and body[0] != 58  # ":": a comment (keep-alive)
+        ):
+            # One event, as a stream sends for each token: the general path below,
+            # inlined (this runs 64 times per request of the benchmark).
+            number = rlog.first + len(rlog.events)
+            rlog.events.append(body)
+            rlog.size += len(body)
+            if rlog.size > rlog.max_bytes or rlog._waiters:
+                rlog.size -= len(body)
+                rlog.events.pop()
+                rlog.append([body])
+            elif rlog.on_change is not None:
+                rlog.on_change(rlog)
+            sink = rlog.sink
+            if sink is not None:
+                sink.push_one(body, number)
+            return
         if message["type"] == "http.response.start":
             rlog.start(message["status"], list(message.get("headers", [])))
+            self._streaming = rlog.sse
             return
-        body = message.get("body", b"")
+        body = body or b""
         if rlog.sse:
             if body == sse.KEEPALIVE:
                 if rlog.sink is not None:
@@ -377,6 +403,14 @@ class LogReader:
             return
         self.next = start + len(events)
         self.deliver(b"".join(b"id: %d\n%s" % (n, e) for n, e in enumerate(events, start)))
+
+    def push_one(self, event: bytes, number: int) -> None:
+        """``push`` for one event."""
+        if number != self.next:  # pragma: no cover - a sink is always caught up
+            self.unsink(None)
+            return
+        self.next = number + 1
+        self.deliver(b"id: %d\n%s" % (number, event))
 
     def deliver(self, body: bytes) -> None:
         """Send ``body`` without making the producer wait: a send that cannot finish
@@ -582,6 +616,7 @@ class RedisLogs:
 
     HEARTBEAT = 1.0
     ALIVE_MS = 3000
+    INTERVAL = 0.05  # between two flushes: what changed meanwhile goes in one
 
     def __init__(self, url: str, ttl: float, grace: float, prefix: str = "tokenwell:log:") -> None:
         import redis.asyncio as redis
@@ -590,63 +625,81 @@ class RedisLogs:
         self.ttl = max(int(ttl), 1)
         self.grace = grace
         self.prefix = prefix
+        self._live: dict[str, _Mirror] = {}  # logs being mirrored, by request id
+        self._pending = False  # something to send
+        self._forgotten: list[tuple[str, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
 
     def _k(self, request_id: str, part: str) -> str:
         return f"{self.prefix}{request_id}:{part}"
 
-    def mirror(self, request_log: RequestLog) -> asyncio.Task[None]:
-        return asyncio.create_task(self._mirror(request_log))
+    def mirror(self, request_log: RequestLog) -> asyncio.Future[None]:
+        """Mirror the log as it grows; resolves once its end is in Redis.
 
-    async def _mirror(self, rlog: RequestLog) -> None:
-        rid = rlog.request_id
-        meta, events, alive = self._k(rid, "m"), self._k(rid, "e"), self._k(rid, "a")
-        sent = 0
-        head = False
-        beat = 0.0
+        One flusher serves every log of this process: each round it sends what
+        changed in all of them — heads, new events (one RPUSH per log), heartbeats
+        due, ends, forgotten logs — in one pipeline (one round trip), then waits
+        ``INTERVAL`` for more to gather. A log per task, one pipeline per event,
+        made ~14 round trips and ~30 commands per request of the benchmark.
+        """
+        mirror = _Mirror(self, request_log, asyncio.get_running_loop().create_future())
+        self._live[request_log.request_id] = mirror
+        request_log.on_change = mirror.changed
+        mirror.changed(request_log)
+        return mirror.finished
+
+    def _poke(self) -> None:
+        """Something changed: the flusher sends it in its next round."""
+        self._pending = True
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_forever(), name="redis-log-mirror"
+            )
+        waiter = self._wake
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _flush_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            done = rlog.done
-            pipe = self.client.pipeline(transaction=False)
-            commands = 0
-            if rlog.status is not None and not head:
-                pipe.hset(
-                    meta,
-                    mapping={
-                        "status": rlog.status,
-                        "headers": orjson.dumps(
-                            [[k.decode(), v.decode()] for k, v in rlog.headers]
-                        ),
-                        "sse": int(rlog.sse),
-                    },
-                )
-                pipe.expire(meta, self.ttl)
-                head = True
-                commands += 2
-            if rlog.end > sent:
-                if sent < rlog.first:  # trimmed before it was mirrored
-                    pipe.hset(meta, "first", rlog.first)
-                    sent = rlog.first
-                pipe.rpush(events, *rlog.events[sent - rlog.first :])
-                pipe.expire(events, self.ttl)
-                sent = rlog.end
-                commands += 2
-            now = time.monotonic()
-            if now - beat >= self.HEARTBEAT and not done:
-                pipe.set(alive, 1, px=self.ALIVE_MS)
-                beat = now
-                commands += 1
-            if done:
-                pipe.hset(meta, mapping={"done": 1, "body": rlog.body_bytes})
-                commands += 1
-            if commands:
+            if not self._pending:  # nothing changed: wake for the heartbeats only
+                self._wake = loop.create_future()
+                handle = loop.call_later(self.HEARTBEAT, _resolve, self._wake)
                 try:
-                    await pipe.execute()
-                except Exception:
-                    log.warning("mirroring request %s to Redis failed", rid, exc_info=True)
-            if done:
-                return
-            if rlog.end > sent or rlog.done or (rlog.status is not None and not head):
-                continue  # it changed while Redis answered
-            await rlog.wait(self.HEARTBEAT)
+                    await self._wake
+                finally:
+                    handle.cancel()
+                    self._wake = None
+            self._pending = False
+            try:
+                await self._flush()
+            except Exception:
+                log.warning("mirroring request logs to Redis failed", exc_info=True)
+            await asyncio.sleep(self.INTERVAL)
+
+    async def _flush(self) -> None:
+        forgotten, self._forgotten = self._forgotten, []
+        pipe = self.client.pipeline(transaction=False)
+        now = time.monotonic()
+        ended: list[_Mirror] = []
+        for mirror in list(self._live.values()):
+            # What changed, and heartbeats due.
+            if (mirror.dirty or now - mirror.beat >= self.HEARTBEAT) and mirror.write(
+                self, pipe, now
+            ):
+                ended.append(mirror)
+        for request_id, _ in forgotten:
+            pipe.delete(*(self._k(request_id, p) for p in "mear"))
+        try:
+            if len(pipe):
+                await pipe.execute()
+        finally:
+            for mirror in ended:
+                self._live.pop(mirror.rlog.request_id, None)
+                _resolve(mirror.finished)
+            for _, future in forgotten:
+                _resolve(future)
 
     async def exists(self, request_id: str) -> bool:
         return bool(await self.client.exists(self._k(request_id, "m")))
@@ -657,13 +710,77 @@ class RedisLogs:
         return max(int(ms), 0) / 1000
 
     async def forget(self, request_id: str) -> None:
-        await self.client.delete(*(self._k(request_id, p) for p in "mear"))
+        """Delete a finished request's log (with the next flush)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._forgotten.append((request_id, future))
+        self._poke()
+        await future
 
     def view(self, request_id: str) -> RemoteLog:
         return RemoteLog(self, request_id)
 
     async def close(self) -> None:
+        if self._flusher is not None:
+            if self._pending:
+                with contextlib.suppress(Exception):
+                    await self._flush()
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
         await self.client.aclose()
+
+
+class _Mirror:
+    """What of one log is in Redis already."""
+
+    __slots__ = ("beat", "dirty", "events_ttl", "finished", "head", "logs", "rlog", "sent")
+
+    def __init__(self, logs: RedisLogs, rlog: RequestLog, finished: asyncio.Future[None]) -> None:
+        self.logs = logs
+        self.rlog = rlog
+        self.finished = finished
+        self.sent = 0  # the number of the next event to mirror
+        self.head = False
+        self.beat = 0.0
+        self.dirty = False
+        self.events_ttl = False
+
+    def changed(self, _rlog: RequestLog) -> None:
+        if not self.dirty:
+            self.dirty = True
+            self.logs._poke()
+
+    def write(self, logs: RedisLogs, pipe: Any, now: float) -> bool:
+        """Queue what changed on ``pipe``; True once the log's end is queued."""
+        rlog = self.rlog
+        self.dirty = False
+        rid = rlog.request_id
+        done = rlog.done
+        meta = logs._k(rid, "m")
+        if rlog.status is not None and not self.head:
+            headers = orjson.dumps([[k.decode(), v.decode()] for k, v in rlog.headers])
+            pipe.hset(
+                meta, mapping={"status": rlog.status, "headers": headers, "sse": int(rlog.sse)}
+            )
+            pipe.expire(meta, logs.ttl)
+            self.head = True
+        if rlog.end > self.sent:
+            if self.sent < rlog.first:  # trimmed before it was mirrored
+                pipe.hset(meta, "first", rlog.first)
+                self.sent = rlog.first
+            events = logs._k(rid, "e")
+            pipe.rpush(events, *rlog.events[self.sent - rlog.first :])
+            if not self.events_ttl:  # set once: RPUSH keeps a list's TTL
+                pipe.expire(events, logs.ttl)
+                self.events_ttl = True
+            self.sent = rlog.end
+        if not done and now - self.beat >= logs.HEARTBEAT:
+            pipe.set(logs._k(rid, "a"), 1, px=logs.ALIVE_MS)
+            self.beat = now
+        if done:
+            pipe.hset(meta, mapping={"done": 1, "body": rlog.body_bytes})
+            return True
+        return False
 
 
 class RemoteLog:
@@ -677,6 +794,7 @@ class RemoteLog:
         self._presence: asyncio.Task[None] | None = None
         self._k = logs._k
         self._dead_since: float | None = None
+        self._first = 0  # the number of the first event of the list in Redis
 
     def attach(self) -> None:
         self._presence = asyncio.create_task(self._present())
@@ -719,23 +837,27 @@ class RemoteLog:
 
     async def read(self, start: int, timeout: float) -> tuple[list[bytes], bool]:
         deadline = time.monotonic() + timeout
+        rid = self.request_id
         while True:
-            # One snapshot (MULTI): the list as it was when ``done`` was read. The
-            # keys may be deleted the moment the result is in the database.
+            # One snapshot (MULTI): the list as it was when ``done`` was read (the
+            # keys may be deleted the moment the result is in the database), only
+            # the events from ``start`` on, and the producer's heartbeat.
             pipe = self.logs.client.pipeline(transaction=True)
-            pipe.hgetall(self._k(self.request_id, "m"))
-            pipe.lrange(self._k(self.request_id, "e"), 0, -1)
-            meta, events = await pipe.execute()
-            if not meta:
-                raise LogGone(self.request_id)
-            first = int(meta.get(b"first", 0))
+            pipe.hmget(self._k(rid, "m"), "status", "first", "done")
+            pipe.lrange(self._k(rid, "e"), max(start - self._first, 0), -1)
+            pipe.exists(self._k(rid, "a"))
+            (status, first, done), events, alive = await pipe.execute()
+            if status is None:
+                raise LogGone(rid)
+            first = int(first or 0)
+            if first != self._first:  # the list starts later than assumed: again
+                self._first = first
+                continue
             if start < first:
                 raise Truncated(f"events before {first} are no longer held")
-            events = events[start - first :]
-            done = meta.get(b"done") == b"1"
-            if events or done:
-                return events, done
-            await self._check_alive(meta)
+            if events or done == b"1":
+                return events, done == b"1"
+            self._alive(bool(alive))
             if time.monotonic() >= deadline:
                 return [], False
             await asyncio.sleep(self.POLL)
@@ -749,7 +871,11 @@ class RemoteLog:
             await asyncio.sleep(self.POLL)
 
     async def _check_alive(self, meta: dict[bytes, bytes]) -> None:
-        if await self.logs.client.exists(self._k(self.request_id, "a")):
+        self._alive(bool(await self.logs.client.exists(self._k(self.request_id, "a"))))
+
+    def _alive(self, alive: bool) -> None:
+        """ProducerGone once the producer's heartbeat has been missing for a while."""
+        if alive:
             self._dead_since = None
             return
         now = time.monotonic()
