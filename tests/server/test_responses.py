@@ -65,6 +65,7 @@ def test_one_ledger_row_billed_with_the_meter(scripted_server: Server) -> None:
     body = reply.json()
     row = ledger_row(scripted_server, reply.headers["x-request-id"])
     assert row["status"] == "completed"
+    assert row["api"] == "responses"
     assert row["prompt_tokens"] == body["usage"]["input_tokens"]
     assert row["completion_tokens"] == body["usage"]["output_tokens"]
 

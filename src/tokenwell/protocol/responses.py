@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -58,6 +58,9 @@ HOSTED_TOOLS = frozenset(
         "apply_patch",
         "custom",
         "tool_search",
+        # A group of tools under one name (Codex sends one for its sub-agents):
+        # how their calls are named is the client's contract with OpenAI's models.
+        "namespace",
     }
 )
 TERMINAL = ("completed", "incomplete", "failed", "cancelled")
@@ -530,7 +533,7 @@ def to_chat(
     if user is not None:
         chat["user"] = user
     try:
-        return validate_chat_request(chat)
+        return replace(validate_chat_request(chat), api="responses")
     except InvalidRequest as exc:
         exc.param = _responses_param(exc.param)
         raise
