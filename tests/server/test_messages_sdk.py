@@ -4,6 +4,7 @@ tests on the real embedded model (``slow``)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import anthropic
@@ -205,32 +206,38 @@ def test_rate_limit_with_retry_after(scripted_server: Server) -> None:
 
 
 def test_overloaded(scripted_server: Server) -> None:
-    # scripted-tiny runs one request and queues one: a third is refused (529).
+    # scripted-tiny runs one request and queues one: with both taken, the next is a 529.
     sdk = client(scripted_server)
-    busy = [
-        threading.Thread(
-            target=sdk.messages.create,
-            kwargs={
-                "model": "scripted-tiny",
-                "max_tokens": 20,
-                "messages": [{"role": "user", "content": "x"}],
-            },
-        )
-        for _ in range(2)
-    ]
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            try:
+                sdk.messages.create(
+                    model="scripted-tiny",
+                    max_tokens=40,
+                    messages=[{"role": "user", "content": "x"}],
+                )
+            except anthropic.OverloadedError:
+                time.sleep(0.01)
+
+    busy = [threading.Thread(target=keep_busy) for _ in range(3)]
     for thread in busy:
         thread.start()
     try:
         with pytest.raises(anthropic.OverloadedError) as info:
-            for _ in range(50):
+            for _ in range(200):
                 sdk.messages.create(
-                    model="scripted-tiny", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                    model="scripted-tiny", max_tokens=1, messages=[{"role": "user", "content": "x"}]
                 )
+                time.sleep(0.02)
     finally:
+        stop.set()
         for thread in busy:
             thread.join()
     assert info.value.status_code == 529
     assert info.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert info.value.response.headers["retry-after"]
 
 
 def test_api_error(scripted_server: Server) -> None:

@@ -17,6 +17,7 @@ server tools, ``container``, ``mcp_servers``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
@@ -54,6 +55,7 @@ class _Tool(_Lenient):
     description: str | None = None
     input_schema: dict[str, Any]
     type: Literal["custom"] | None = None
+    strict: bool | None = None
 
 
 Text = one_of(string=str, array=list[dict[str, Any]])
@@ -247,7 +249,12 @@ def _tools(body: _MessagesBody) -> list[dict[str, Any]]:
             )
         tool: _Tool = _validate(_Tool, raw, ("tools", i))
         check_schema_shape(tool.input_schema, f"tools.[{i}].input_schema")
-        function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+        # Not strict unless asked: keywords the engine cannot enforce are guidance.
+        function: dict[str, Any] = {
+            "name": tool.name,
+            "parameters": tool.input_schema,
+            "strict": bool(tool.strict),
+        }
         if tool.description is not None:
             function["description"] = tool.description
         tools.append({"type": "function", "function": function})
@@ -282,6 +289,17 @@ def _tool_choice(body: _MessagesBody, tools: list[dict[str, Any]]) -> tuple[Any,
     if choice.type == "any" and not tools:
         raise _invalid("tool_choice", "Invalid 'tool_choice': 'any' needs at least one tool.")
     return {"auto": "auto", "any": "required", "none": "none"}[choice.type], parallel
+
+
+_TOOL_SCHEMA = re.compile(r"tools\.\[(\d+)\]\.function\.parameters")
+
+
+def rename_fields(error: InvalidRequest) -> InvalidRequest:
+    """An engine's 400 names the chat completion's fields; name this API's instead."""
+    error.message = _TOOL_SCHEMA.sub(r"tools.[\1].input_schema", error.message)
+    if error.param is not None:
+        error.param = _TOOL_SCHEMA.sub(r"tools.[\1].input_schema", error.param)
+    return error
 
 
 def parse_messages_request(body: bytes, *, counting: bool = False) -> MessagesRequest:
@@ -330,7 +348,10 @@ def validate_messages_request(data: dict[str, Any]) -> MessagesRequest:
         chat["parallel_tool_calls"] = parallel
     if body.metadata is not None and body.metadata.user_id is not None:
         chat["user"] = body.metadata.user_id
-    request = validate_chat_request(chat)
+    try:
+        request = validate_chat_request(chat)
+    except InvalidRequest as exc:
+        raise rename_fields(exc) from None
     if len(stops) > 4:
         request = _with_stops(request, tuple(dict.fromkeys(stops)))
     return MessagesRequest(replace(request, api="messages"), body.max_tokens, body.top_k)

@@ -18,8 +18,8 @@ from starlette.types import ASGIApp
 
 from tokenwell.billing.keys import KeyRecord
 from tokenwell.engines.base import Engine, Prepared
-from tokenwell.errors import APIError
-from tokenwell.protocol.anthropic import parse_messages_request
+from tokenwell.errors import APIError, InvalidRequest
+from tokenwell.protocol.anthropic import parse_messages_request, rename_fields
 from tokenwell.protocol.anthropic_codec import AnthropicCodec
 from tokenwell.protocol.events import Meter
 from tokenwell.protocol.requests import ChatRequest
@@ -34,7 +34,10 @@ API = "anthropic"
 def clamped(engine: Engine, chat: ChatRequest) -> Prepared:
     """Prepared with ``max_tokens`` cut to what the context leaves (Anthropic clients
     ask for 32,000 and more): reaching it ends the message with ``max_tokens``."""
-    prepared = engine.prepare(replace(chat, max_tokens=None))
+    try:
+        prepared = engine.prepare(replace(chat, max_tokens=None))
+    except InvalidRequest as exc:
+        raise rename_fields(exc) from None
     room = prepared.max_completion_tokens
     limit = min(chat.max_tokens or room, room)
     prepared.request = replace(chat, max_tokens=limit, raw={**chat.raw, "max_tokens": limit})
@@ -99,4 +102,4 @@ class MessagesService:
     async def count_tokens(self, request: Request) -> dict[str, int]:
         """The prompt's tokens as the engine counts them; nothing is generated or billed."""
         _, engine, chat, _ = await self._parse(request, counting=True)
-        return {"input_tokens": engine.prepare(replace(chat, max_tokens=None)).prompt_tokens}
+        return {"input_tokens": clamped(engine, chat).prompt_tokens}

@@ -75,3 +75,35 @@ def test_grammars_are_accepted_by_llama_cpp(model) -> None:  # type: ignore[no-u
             request.tools, only=None, parallel=True, text_alternative=("json_schema", schema)
         ),
     )
+
+
+def test_a_function_that_is_not_strict_leaves_what_cannot_be_enforced_to_the_model() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+            "url": {"type": "string", "format": "uri"},
+            "not": {"not": {"type": "null"}, "type": "string"},
+        },
+        "required": ["n"],
+    }
+
+    def grammar(strict: bool | None) -> str:
+        function = {"name": "f", "parameters": schema}
+        if strict is not None:
+            function["strict"] = strict
+        request = validate_chat_request(
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": function}],
+            }
+        )
+        return tools_grammar(request.tools, only=None, parallel=False)
+
+    for strict in (None, True):
+        with pytest.raises(InvalidRequest) as info:
+            grammar(strict)
+        assert info.value.param == "tools.[0].function.parameters.properties.n.minimum"
+    assert "fn0-args" in grammar(False)
+    assert schema["properties"]["n"]["minimum"] == 0  # the request's schema is left alone

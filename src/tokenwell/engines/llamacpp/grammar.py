@@ -400,6 +400,24 @@ def _walk(node: Any, path: str) -> Iterator[tuple[str, Any]]:
                 yield from _walk(child, f"{path}.{key}.[{i}]")
 
 
+def relaxed(schema: Any, where: str) -> Any:
+    """A copy of ``schema`` without what the grammar cannot enforce (``minimum``,
+    ``not``, a ``format`` it lacks…), for a function whose schema is guidance
+    (``strict: false``; every Anthropic tool without ``strict``): the output holds
+    to the rest, and those keywords are the model's to respect, as on Anthropic."""
+    check_schema_shape(schema, where)  # bounded before the walk recurses
+    if not isinstance(schema, dict):
+        return schema
+    copy = orjson.loads(orjson.dumps(schema))
+    for _, node in list(_walk(copy, where)):
+        if isinstance(node, dict):
+            for key in [k for k in node if k not in _SUPPORTED]:
+                del node[key]
+            if "format" in node and node["format"] not in _FORMATS:
+                del node["format"]
+    return copy
+
+
 def _converter() -> SchemaConverter:
     return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
@@ -458,6 +476,8 @@ def tools_grammar(
             continue
         where = f"tools.[{i}].function.parameters"
         parameters = fn.parameters if fn.parameters is not None else {"type": "object"}
+        if fn.strict is False:
+            parameters = relaxed(parameters, where)
         check_schema(parameters, where, budget)
         args = _visit(converter, parameters, f"fn{i}-args", where)
         head = _literal(f'{{"name": "{fn.name}", "arguments": ')
