@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import MASTER, ROOT, Server
+from tests.support import MASTER, ROOT, Server, model_config
 
 CLAUDE = ROOT / "tests" / "clients" / "node_modules" / ".bin" / "claude"
 REPLY = "Hello from tokenwell."
@@ -47,7 +47,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield server
 
 
-def claude(server: Server, home: Path, *args: str) -> dict[str, Any]:
+def claude(server: Server, home: Path, *args: str, timeout: float = 120) -> dict[str, Any]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(home),  # no user settings, sessions written here
@@ -64,7 +64,7 @@ def claude(server: Server, home: Path, *args: str) -> dict[str, Any]:
         cwd=home,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}\n{server.log()}"
     return json.loads(done.stdout)  # type: ignore[no-any-return]
@@ -102,3 +102,18 @@ def test_claude_code_completes_a_prompt(server: Server, tmp_path: Path, bare: bo
 
 def test_server_is_healthy_after(server: Server) -> None:
     assert httpx.get(f"{server.base}/health", timeout=5).status_code == 200
+
+
+@pytest.mark.slow
+def test_claude_code_bare_on_the_real_model(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    # --bare sends about 1,100 tokens (system prompt and tools): within the
+    # embedded model's 2,048. Its tools' schemas use `minimum`, which the grammar
+    # leaves to the model (Anthropic tools are not strict).
+    config = model_config(parallel=1, extra='aliases = ["claude-*"]')
+    with Server(tmp_path_factory.mktemp("claude-code-model"), config) as server:
+        result = claude(server, tmp_path, "--bare", timeout=280)
+        assert result["is_error"] is False, result
+        assert result["result"]
+        assert result["stop_reason"] in ("end_turn", "max_tokens", "tool_use")
