@@ -375,3 +375,25 @@ def test_background_stream_on_another_replica(tmp_path: Path, pg_url: str) -> No
         assert [e.sequence_number for e in events] == list(range(2, len(events) + 2))
         assert events[-1].type == "response.completed"
         assert _wait_status(b.client(), started.id).output_text == "u v w x y z"
+
+
+def test_a_background_response_ends_with_its_server(tmp_path: Path) -> None:
+    server = Server(tmp_path / "s", SCRIPTED_CONFIG).start()
+    try:
+        raw = server.client().responses.with_raw_response.create(
+            model="scripted-slow", input="go", background=True
+        )
+        started = raw.parse()
+        time.sleep(0.3)
+    finally:
+        server.stop()
+    again = Server(tmp_path / "s", SCRIPTED_CONFIG).start()
+    try:
+        ended = again.client().responses.retrieve(started.id)
+        assert ended.status == "failed"
+        assert ended.usage is not None and 0 < ended.usage.output_tokens < 400
+        row = ledger_row(again, raw.headers["x-request-id"])
+        assert row["status"] == "interrupted"
+        assert row["completion_tokens"] == ended.usage.output_tokens
+    finally:
+        again.stop()
