@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.conftest import REDIS_URL
-from tests.support import SCRIPTED_CONFIG, Server, ledger_row
+from tests.support import SCRIPTED_CONFIG, Server, gateway_config, ledger_row
 from tokenwell.protocol.sse import SSEDecoder
 
 
@@ -397,3 +397,31 @@ def test_a_background_response_ends_with_its_server(tmp_path: Path) -> None:
         assert row["completion_tokens"] == ended.usage.output_tokens
     finally:
         again.stop()
+
+
+def test_through_the_upstream_gateway_usage_is_the_upstreams(tmp_path: Path) -> None:
+    """An upstream that speaks chat completions serves /v1/responses; its usage is billed."""
+    with Server(tmp_path / "up", SCRIPTED_CONFIG) as upstream:
+        base = f'url = "{upstream.base}/v1", api_key = "sk-test-master"'
+        config = gateway_config({"relay": f'[{{ {base}, model = "scripted" }}]'})
+        with Server(tmp_path / "gw", config) as gateway:
+            client = gateway.client()
+            raw = client.responses.with_raw_response.create(
+                model="relay",
+                input=script(tool_calls=[{"name": "get_weather", "arguments": '{"city":"Rome"}'}]),
+                tools=[WEATHER_TOOL],  # type: ignore[list-item]
+            )
+            called = raw.parse()
+            (call,) = [i for i in called.output if i.type == "function_call"]
+            assert call.name == "get_weather" and call.arguments == '{"city":"Rome"}'
+            with client.responses.stream(
+                model="relay", input=script(text="from the upstream")
+            ) as stream:
+                final = stream.get_final_response()
+            assert final.output_text == "from the upstream"
+            assert final.usage is not None and final.usage.output_tokens == 3
+            row = ledger_row(gateway, raw.headers["x-request-id"])
+            assert called.usage is not None
+            assert row["prompt_tokens"] == called.usage.input_tokens
+            assert row["completion_tokens"] == called.usage.output_tokens
+            assert row["estimated"] in (False, 0)  # the upstream's own usage
