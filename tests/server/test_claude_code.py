@@ -1,9 +1,10 @@
 """Claude Code, non-interactively, against tokenwell's Messages API (scripted engine).
 
 Claude Code is installed by ``./dev test`` from ``tests/clients/package.json``
-(npm); without it these tests skip. Its system prompt is far beyond the tiny
-model's context, hence the scripted engine: what is tested is the protocol
-(``/v1/messages?beta=true``, its headers, streaming, usage, aliases), not text.
+(npm); without it these tests skip. Its full system prompt (about 12,000
+tokens) is beyond the tiny model's context, hence the scripted engine: what is
+tested is the protocol (``/v1/messages?beta=true``, its headers, streaming,
+usage, aliases), not text; ``--bare`` also runs on the real model (slow).
 """
 
 from __future__ import annotations

@@ -101,6 +101,18 @@ _SUPPORTED = {
     "readOnly",
     "writeOnly",
 }
+_ANNOTATIONS = {
+    "title",
+    "description",
+    "default",
+    "examples",
+    "$schema",
+    "$id",
+    "$comment",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+}
 _FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 _TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 
@@ -404,7 +416,8 @@ def relaxed(schema: Any, where: str) -> Any:
     """A copy of ``schema`` without what the grammar cannot enforce (``minimum``,
     ``not``, a ``format`` it lacks…), for a function whose schema is guidance
     (``strict: false``; every Anthropic tool without ``strict``): the output holds
-    to the rest, and those keywords are the model's to respect, as on Anthropic."""
+    to the rest, and those keywords are the model's to respect, as on Anthropic.
+    Lengths beyond what a grammar can afford (``MAX_REPETITION``) go the same way."""
     check_schema_shape(schema, where)  # bounded before the walk recurses
     if not isinstance(schema, dict):
         return schema
@@ -415,6 +428,13 @@ def relaxed(schema: Any, where: str) -> Any:
                 del node[key]
             if "format" in node and node["format"] not in _FORMATS:
                 del node["format"]
+            for key in ("minLength", "maxLength", "minItems", "maxItems"):
+                value = node.get(key)
+                if isinstance(value, int) and value > MAX_REPETITION:
+                    del node[key]  # too costly to enforce; as guidance it binds little
+            if node and not node.keys() - _ANNOTATIONS:
+                # Only a description: any value (the converter knows no such schema).
+                node["type"] = sorted(_TYPES)
     return copy
 
 
