@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from tests.support import (
+    MASTER,
     SCRIPTED_CONFIG,
     FakeUpstream,
     Server,
@@ -338,3 +339,42 @@ def test_a_tokenwell_on_the_real_model_as_upstream(tmp_path: Path, model_server:
         assert done.usage is not None and direct.usage is not None
         assert done.usage.completion_tokens == direct.usage.completion_tokens
         assert done.usage.prompt_tokens == direct.usage.prompt_tokens
+
+
+def test_messages_through_the_gateway(gateway: Server) -> None:
+    """/v1/messages in front of an upstream: sent as chat completions, usage exact."""
+    headers = {"x-api-key": MASTER, "anthropic-version": "2023-06-01"}
+    ask = {"model": "relay-64", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}
+    with gateway.http(key=None) as http:
+        r = http.post("/v1/messages", json=ask, headers=headers)
+        assert r.status_code == 200, r.text
+        message = r.json()
+        assert message["content"] == [{"type": "text", "text": "".join(f" w{i}" for i in range(9))}]
+        assert message["stop_reason"] == "max_tokens"
+        assert message["usage"]["output_tokens"] == 9
+        row = ledger_row(gateway, r.headers["x-request-id"])
+        assert (row["api"], row["completion_tokens"], row["estimated"]) == ("messages", 9, False)
+        streamed = http.post(
+            "/v1/messages",
+            json={
+                "model": "fake-tools",
+                "max_tokens": 100,
+                "stream": True,
+                "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}],
+                "messages": [{"role": "user", "content": "weather?"}],
+            },
+            headers=headers,
+        )
+    frames = [
+        orjson.loads(line[6:]) for line in streamed.content.split(b"\n") if line[:6] == b"data: "
+    ]
+    kinds = [f["type"] for f in frames if f["type"] != "ping"]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    partial = "".join(
+        f["delta"]["partial_json"]
+        for f in frames
+        if f["type"] == "content_block_delta" and f["delta"]["type"] == "input_json_delta"
+    )
+    assert orjson.loads(partial) == {"city": "Oslo"}
+    delta = next(f for f in frames if f["type"] == "message_delta")
+    assert delta["delta"]["stop_reason"] == "tool_use"
