@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -296,3 +297,18 @@ def test_aliases_reach_the_model_in_every_api(scripted_server: Server) -> None:
         assert listed["scripted-64"]["aliases"] == ["claude-sonnet-*", "gpt-4o-mini"]
         assert "aliases" not in listed["scripted"]
         assert http.get("/v1/models/gpt-4o-mini").json()["id"] == "scripted-64"
+
+
+def test_ping_events_keep_a_waiting_stream_alive(tmp_path: Path) -> None:
+    config = 'keepalive_seconds = 0.2\n[[models]]\nname = "scripted"\nengine = "scripted"\n'
+    with Server(tmp_path, config) as server:
+        r = post(
+            server,
+            stream=True,
+            messages=[{"role": "user", "content": script(text="late", prefill_delay=0.9)}],
+        )
+    names = [name for name, _ in events(r.content)]
+    assert names[0] == "message_start"
+    first_block = names.index("content_block_start")
+    assert names[1:first_block].count("ping") >= 3  # 0.9 s of waiting, a ping every 0.2 s
+    assert names[-1] == "message_stop"
