@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 FINISHED_LOG_SECONDS = 600.0
 MAX_LOG_BYTES = 64 * 1024 * 1024
 NEVER = 10.0**9  # a background response runs with no reader at all
+# A background response started on another replica is in Redis within this long.
+MIRROR_WAIT_SECONDS = 2.0
 
 
 @dataclass
@@ -295,7 +297,7 @@ class ResponsesService:
                 if (
                     self.remote is not None
                     and stored.get("background")
-                    and await self.remote.exists(response_id)
+                    and await self._mirrored(response_id, stored["status"])
                 ):  # running, or just ended, on another replica: its log is in Redis
                     return LogReader(
                         self.remote.view(response_id),
@@ -314,6 +316,18 @@ class ResponsesService:
             codec = live.codec
             return json_response(codec.final or codec.encoder.snapshot())
         return json_response(await self._stored(key, response_id))
+
+    async def _mirrored(self, response_id: str, status: str) -> bool:
+        """Its log is in Redis; one just started elsewhere shows up with the mirror's
+        next flush (every 50 ms), so a running one is waited for a moment."""
+        assert self.remote is not None
+        deadline = time.monotonic() + (0.0 if status in TERMINAL else MIRROR_WAIT_SECONDS)
+        while True:
+            if await self.remote.exists(response_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
 
     async def delete(self, request: Request) -> Response:
         key = await self._key(request)
