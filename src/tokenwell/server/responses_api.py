@@ -198,7 +198,8 @@ class ResponsesService:
     async def _settle(
         self, ticket: Ticket, codec: ResponsesCodec, gen: Generation, outcome: Outcome
     ) -> None:
-        if codec.cancelled:
+        if codec.cancelled and outcome.status == "interrupted":
+            # Stopped by cancel (one that came as it finished completed as usual).
             outcome.status = "cancelled"
         await self.chat._settle(ticket, gen, outcome)
 
