@@ -260,3 +260,23 @@ def test_text_format_becomes_a_response_format() -> None:
     assert req.chat.response_format is not None
     assert req.chat.response_format.type == "json_schema"
     assert req.echo["text"]["format"]["schema"] == schema
+
+
+def test_a_log_reader_that_cannot_finish_ends_with_an_error_event() -> None:
+    import asyncio
+
+    from tokenwell.server.requestlog import RequestLog
+    from tokenwell.server.responses_api import ResponsesLogReader
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    reader = ResponsesLogReader(RequestLog("r", True, 100), after=6, replayed=False, keepalive=1)
+    asyncio.run(reader._end(send, "gone"))
+    (event,) = SSEDecoder().feed(sent[0]["body"])
+    assert event.event == "error" and event.id == "7"
+    data = orjson.loads(event.data)
+    assert data["sequence_number"] == 7 and data["error"]["code"] == "interrupted"
+    assert sent[0]["more_body"] is False

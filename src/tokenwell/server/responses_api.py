@@ -42,6 +42,7 @@ from tokenwell.protocol.responses import (
     ResponsesCodec,
     ResponsesEncoder,
     ResponsesRequest,
+    frame,
     input_item_objects,
     new_id,
     output_items_as_input,
@@ -154,7 +155,9 @@ class ResponsesService:
         if rr.background:
             live = await self._background(key, rr, codec, response, ticket, history)
             if rr.stream:  # streamed from its start, as a reader of its log
-                return LogReader(live.log, after=None, replayed=False, keepalive=self.keepalive)
+                return ResponsesLogReader(
+                    live.log, after=None, replayed=False, keepalive=self.keepalive
+                )
             return json_response(live.queued, headers=ticket.headers)
         if not rr.store:
             return response
@@ -300,7 +303,7 @@ class ResponsesService:
                     and stored.get("background")
                     and await self._mirrored(response_id, stored["status"])
                 ):  # running, or just ended, on another replica: its log is in Redis
-                    return LogReader(
+                    return ResponsesLogReader(
                         self.remote.view(response_id),
                         after=after,
                         replayed=False,
@@ -312,7 +315,9 @@ class ResponsesService:
                     param="stream",
                     code="stream_unavailable",
                 )
-            return LogReader(live.log, after=after, replayed=False, keepalive=self.keepalive)
+            return ResponsesLogReader(
+                live.log, after=after, replayed=False, keepalive=self.keepalive
+            )
         if live is not None:
             codec = live.codec
             return json_response(codec.final or codec.encoder.snapshot())
@@ -436,6 +441,25 @@ def _not_found(response_id: str) -> NotFound:
         f"Response with id '{response_id[:80]}' not found.",
         param="response_id",
     )
+
+
+class ResponsesLogReader(LogReader):
+    """A reader of a background response's log: a stream it cannot finish ends with
+    a Responses ``error`` event (the next sequence number), not chat's ``[DONE]``."""
+
+    async def _end(self, send: Send, message: str) -> None:
+        event = {
+            "type": "error",
+            "sequence_number": self.next,
+            "error": {
+                "type": "server_error",
+                "code": "interrupted",
+                "message": message,
+                "param": None,
+            },
+        }
+        out = b"id: %d\n%s" % (self.next, frame(event))
+        await send({"type": "http.response.body", "body": out, "more_body": False})
 
 
 class _Storing:
