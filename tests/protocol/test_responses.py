@@ -280,3 +280,20 @@ def test_a_log_reader_that_cannot_finish_ends_with_an_error_event() -> None:
     data = orjson.loads(event.data)
     assert data["sequence_number"] == 7 and data["error"]["code"] == "interrupted"
     assert sent[0]["more_body"] is False
+
+
+def test_a_poll_sees_the_text_so_far_and_late_arguments_are_kept() -> None:
+    req = parse_responses_request({"model": "m", "input": "x"})
+    enc = ResponsesEncoder("resp_x", req.echo)
+    enc.start()
+    enc.feed(TextDelta(0, "so "))
+    enc.feed(TextDelta(0, "far"))
+    assert enc.snapshot()["output"][0]["content"][0]["text"] == "so far"
+    enc.feed(ToolCallStart(0, 0, "c0", "f"))
+    enc.feed(ToolCallStart(0, 1, "c1", "f"))
+    enc.feed(ToolCallArguments(0, 0, '{"a": 1}'))  # for the call already closed
+    enc.feed(ToolCallArguments(0, 1, "{}"))
+    enc.feed(Finish(0, "tool_calls"))
+    enc.finish(Meter(1, 0, 4))
+    assert enc.final is not None
+    assert [i.get("arguments") for i in enc.final["output"]] == [None, '{"a": 1}', "{}"]

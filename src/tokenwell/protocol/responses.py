@@ -747,9 +747,23 @@ class ResponsesEncoder:
             self.echo,
             status=status or self.status,
             created_at=self.created_at,
-            output=[dict(item) for item in self.output],
+            output=[self._partial(item) for item in self.output],
             meter=meter,
         )
+
+    def _partial(self, item: dict[str, Any]) -> dict[str, Any]:
+        """An output item as it stands (the open one with what it has so far)."""
+        out = _copy(item)
+        current = self._open
+        if current is not None and current.item is item:
+            text = "".join(current.text)
+            if item["type"] == "message":
+                out["content"] = [
+                    {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+                ]
+            else:
+                out["arguments"] = text
+        return out
 
     def queued(self) -> dict[str, Any]:
         return self._event("response.queued", response=self.snapshot("queued"))
@@ -806,6 +820,8 @@ class ResponsesEncoder:
             if event.choice != 0 or call is None or not event.fragment:
                 return []
             call.text.append(event.fragment)
+            if call is not self._open:  # a call already closed (arguments out of order)
+                call.item["arguments"] = "".join(call.text)
             return [
                 self._event(
                     "response.function_call_arguments.delta",
