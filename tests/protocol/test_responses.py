@@ -297,3 +297,24 @@ def test_a_poll_sees_the_text_so_far_and_late_arguments_are_kept() -> None:
     enc.finish(Meter(1, 0, 4))
     assert enc.final is not None
     assert [i.get("arguments") for i in enc.final["output"]] == [None, '{"a": 1}', "{}"]
+
+
+def test_logprobs_when_included() -> None:
+    req = parse_responses_request(
+        {
+            "model": "m",
+            "input": "x",
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
+        }
+    )
+    assert req.chat.logprobs is True and req.chat.top_logprobs == 2
+    enc = ResponsesEncoder("resp_x", req.echo)
+    enc.start()
+    entry = {"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": []}
+    (_, _, delta) = enc.feed(TextDelta(0, "a", (entry,)))
+    assert delta["logprobs"] == [entry]
+    enc.feed(Finish(0, "stop"))
+    enc.finish(Meter(1, 0, 1))
+    assert enc.final is not None
+    assert enc.final["output"][0]["content"][0]["logprobs"] == [entry]

@@ -47,6 +47,20 @@ def test_create_stream_and_background(model_server: Server) -> None:
     assert row["completion_tokens"] == done.usage.output_tokens
 
 
+def test_logprobs_when_included(model_server: Server) -> None:
+    response = model_server.client().responses.create(
+        model=MODEL,
+        input="Say yes.",
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+        max_output_tokens=5,
+    )
+    (part,) = response.output[0].content  # type: ignore[union-attr]
+    assert response.usage is not None
+    assert len(part.logprobs) == response.usage.output_tokens  # type: ignore[union-attr]
+    assert all(len(lp.top_logprobs) == 2 for lp in part.logprobs)  # type: ignore[union-attr]
+
+
 def test_parse_with_a_pydantic_text_format(model_server: Server) -> None:
     parsed = model_server.client().responses.parse(
         model=MODEL,

@@ -522,6 +522,9 @@ def to_chat(
         chat["stream_options"] = {"include_usage": True}
     if body.max_output_tokens is not None:
         chat["max_completion_tokens"] = body.max_output_tokens
+    if "message.output_text.logprobs" in (body.include or ()):
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body.top_logprobs or 0
     if body.temperature is not None:
         chat["temperature"] = body.temperature
     if body.top_p is not None:
@@ -710,6 +713,7 @@ class _Open:
     index: int
     item: dict[str, Any]
     text: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ResponsesEncoder:
@@ -759,7 +763,12 @@ class ResponsesEncoder:
             text = "".join(current.text)
             if item["type"] == "message":
                 out["content"] = [
-                    {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+                    {
+                        "type": "output_text",
+                        "annotations": [],
+                        "logprobs": list(current.logprobs),
+                        "text": text,
+                    }
                 ]
             else:
                 out["arguments"] = text
@@ -776,7 +785,7 @@ class ResponsesEncoder:
 
     def feed(self, event: Event) -> list[dict[str, Any]]:
         if isinstance(event, TextDelta):
-            if event.choice != 0 or not event.text:
+            if event.choice != 0 or not (event.text or event.logprobs):
                 return []
             out = []
             if self._open is None or self._open.item["type"] != "message":
@@ -784,6 +793,8 @@ class ResponsesEncoder:
                 out.extend(self._open_message())
             assert self._open is not None
             self._open.text.append(event.text)
+            logprobs = list(event.logprobs or ())
+            self._open.logprobs.extend(logprobs)
             out.append(
                 self._event(
                     "response.output_text.delta",
@@ -791,7 +802,7 @@ class ResponsesEncoder:
                     output_index=self._open.index,
                     content_index=0,
                     delta=event.text,
-                    logprobs=[],
+                    logprobs=logprobs,
                 )
             )
             return out
@@ -870,7 +881,8 @@ class ResponsesEncoder:
         text = "".join(current.text)
         out = []
         if item["type"] == "message":
-            part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+            logprobs = current.logprobs
+            part = {"type": "output_text", "annotations": [], "logprobs": logprobs, "text": text}
             item["content"] = [part]
             item["status"] = status
             out.append(
@@ -880,7 +892,7 @@ class ResponsesEncoder:
                     output_index=current.index,
                     content_index=0,
                     text=text,
-                    logprobs=[],
+                    logprobs=list(logprobs),
                 )
             )
             out.append(
