@@ -3,12 +3,18 @@
 64 concurrent streams on the scripted engine (64 chunks per response, full
 metering on SQLite) against tokenwell without idempotency keys, with a new
 key on every request (the log in process), and with a new key on every
-request and Redis configured (the log mirrored to Redis as it grows). Runs
-alternate (none, in-process, redis, none, …) so machine noise hits each
-alike; the overhead is 1 - with/without requests/s. Each request with a key
-also claims it in the database and stores its result there for replay.
+request and Redis configured (the log mirrored to Redis as it grows), and
+without keys with Redis configured (``none_redis``: Redis then also keeps the
+rate limits, two round trips per request that are no part of the log). Runs
+alternate (none, in-process, redis, none_redis, none, …) so machine noise hits
+each alike; the overhead is 1 - with/without requests/s: in process and Redis
+against ``none`` (the issue's comparison), and the Redis log alone against
+``none_redis``. Each request with a key also claims it in the database (with
+its ledger row) and stores its result there for replay. Each server gets
+``--warmup`` seconds of the same load first (connection pools, caches), not
+measured.
 
-    ./dev bench idempotency [--seconds 10] [--rounds 2] [--concurrency 64] [--pin]
+    ./dev bench idempotency [--seconds 10] [--rounds 2] [--concurrency 64] [--warmup 1] [--pin]
 
 Also reported: the server's CPU per request, and (Redis) the peak of Redis's
 used_memory during the run and the keys left after it (0: every log freed).
@@ -23,6 +29,7 @@ import os
 import statistics
 import threading
 import time
+from functools import partial
 
 import httpx
 import redis
@@ -38,7 +45,7 @@ engine = "scripted"
 reply_tokens = 64
 price = { prompt = 1.0, completion = 2.0 }
 """
-KINDS = ("none", "in_process", "redis")
+KINDS = ("none", "in_process", "redis", "none_redis")
 
 
 def _redis_peak(stop: threading.Event, out: dict[str, int]) -> None:
@@ -53,7 +60,7 @@ def _redis_peak(stop: threading.Event, out: dict[str, int]) -> None:
 
 
 def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
-    env = {"TOKENWELL_REDIS_URL": REDIS_URL} if kind == "redis" else {}
+    env = {"TOKENWELL_REDIS_URL": REDIS_URL} if kind in ("redis", "none_redis") else {}
     server = tokenwell(SCRIPTED, env=env, cpus={0} if args.pin else None).wait()
     try:
         made = httpx.post(
@@ -71,20 +78,22 @@ def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
         watch: dict[str, int] = {}
         stop = threading.Event()
         watcher = threading.Thread(target=_redis_peak, args=(stop, watch), daemon=True)
+        load = partial(
+            run_load,
+            f"{server.base}/v1/chat/completions",
+            body,
+            {"Authorization": f"Bearer {key}"},
+            args.concurrency,
+            warmup=0,
+            unique_header=None if kind.startswith("none") else "Idempotency-Key",
+        )
+        if args.warmup > 0:
+            asyncio.run(load(args.warmup))
+            time.sleep(0.2)  # the warm-up's last requests finish
         if kind == "redis":
             watcher.start()
         cpu_before = cpu_seconds(server.proc.pid)
-        result = asyncio.run(
-            run_load(
-                f"{server.base}/v1/chat/completions",
-                body,
-                {"Authorization": f"Bearer {key}"},
-                args.concurrency,
-                args.seconds,
-                warmup=0,
-                unique_header=None if kind == "none" else "Idempotency-Key",
-            )
-        )
+        result = asyncio.run(load(args.seconds))
         cpu = cpu_seconds(server.proc.pid) - cpu_before
         summary = result.summary()
         summary["server_cpu_ms_per_request"] = round(cpu * 1000 / max(result.requests, 1), 3)
@@ -103,6 +112,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds, not measured")
     parser.add_argument("--pin", action="store_true", help="server on CPU 0, client on CPU 1")
     args = parser.parse_args()
     if args.pin:
@@ -121,11 +131,12 @@ def main() -> None:
         "requests_per_s": rps,
         "overhead_in_process": round(1 - rps["in_process"] / rps["none"], 3),
         "overhead_redis": round(1 - rps["redis"] / rps["none"], 3),
+        "overhead_redis_log": round(1 - rps["redis"] / rps["none_redis"], 3),
     }
-    for kind in ("in_process", "redis"):
+    for kind, base in (("in_process", "none"), ("redis", "none"), ("redis_log", "none_redis")):
         paired = sorted(
             1 - m["requests_per_s"] / o["requests_per_s"]
-            for m, o in zip(runs[kind], runs["none"], strict=True)
+            for m, o in zip(runs[kind.replace("_log", "")], runs[base], strict=True)
         )
         result[f"round_overhead_{kind}"] = {
             "median": round(statistics.median(paired), 3),
