@@ -50,13 +50,19 @@ KINDS = ("none", "in_process", "redis", "none_redis")
 
 def _redis_peak(stop: threading.Event, out: dict[str, int]) -> None:
     client = redis.Redis.from_url(REDIS_URL)
+    keys_before = _log_keys(client)
     base = int(client.info("memory")["used_memory"])
     peak = base
     while not stop.wait(0.1):
         peak = max(peak, int(client.info("memory")["used_memory"]))
     out["redis_used_memory_added_peak_bytes"] = peak - base
-    out["redis_log_keys_left"] = sum(1 for _ in client.scan_iter("tokenwell:log:*", count=1000))
+    # Keys this run added and left (0: every log freed; earlier runs' leftovers not counted).
+    out["redis_log_keys_left"] = _log_keys(client) - keys_before
     client.close()
+
+
+def _log_keys(client: redis.Redis) -> int:
+    return sum(1 for _ in client.scan_iter("tokenwell:log:*", count=1000))
 
 
 def measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
