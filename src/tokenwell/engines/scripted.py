@@ -139,6 +139,10 @@ class ScriptedEngine(Engine):
         return "fp_scripted"
 
     def count_prompt(self, request: ChatRequest) -> int:
+        if isinstance(request.prompt, tuple):
+            return len(request.prompt)
+        if request.prompt is not None:  # a raw prompt: no framing
+            return len(split_tokens(request.prompt))
         # As a chat template would: a few tokens of framing per message.
         return sum(len(split_tokens(m.content or "")) + 4 for m in request.messages) + 2
 
@@ -146,6 +150,8 @@ class ScriptedEngine(Engine):
         s = self.settings
         last = next((m for m in reversed(request.messages) if m.role == "user"), None)
         content = (last.content or "") if last else ""
+        if request.prompt is not None:  # a raw prompt, scripted the same way
+            content = request.prompt if isinstance(request.prompt, str) else ""
         if content.startswith("!script"):
             try:
                 script = Script.model_validate(orjson.loads(content[len("!script") :]))
@@ -172,18 +178,19 @@ class ScriptedEngine(Engine):
 
     def prepare(self, request: ChatRequest) -> Prepared:
         prompt = self.count_prompt(request)
+        where = "messages" if request.prompt is None else "prompt"
         if prompt >= self.settings.context:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.settings.context} tokens. "
                 f"However, your messages resulted in {prompt} tokens.",
-                param="messages",
+                param=where,
             )
         room = self.settings.context - prompt
         if request.max_tokens is not None and request.max_tokens > room:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.settings.context} tokens. "
                 f"However, you requested {prompt + request.max_tokens} tokens.",
-                param="messages",
+                param=where,
             )
         return Prepared(request, prompt, request.max_tokens or room, payload=self._plan(request))
 

@@ -167,6 +167,9 @@ class ChatRequest:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # The wire API it came in by, for the ledger row; engines never read it.
     api: str = "chat.completions"
+    # A raw prompt (``/v1/completions``): text or token ids the model sees as
+    # they are, with no chat template; ``messages`` is then empty.
+    prompt: str | tuple[int, ...] | None = None
 
 
 def decode_json(body: bytes) -> Any:

@@ -35,12 +35,22 @@ from tokenwell.errors import APIError, ClientDisconnected, ConfigError, EngineUn
 from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
+from tokenwell.server.completions import CompletionsService
 from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_error
 from tokenwell.server.idempotent import IdempotencyService
 from tokenwell.server.messages import MessagesService
 from tokenwell.server.metrics import Metrics
 from tokenwell.server.responses_api import ResponsesService
-from tokenwell.server.routes import admin, chat, health, messages, models, openapi, usage
+from tokenwell.server.routes import (
+    admin,
+    chat,
+    completions,
+    health,
+    messages,
+    models,
+    openapi,
+    usage,
+)
 from tokenwell.server.routes import responses as responses_routes
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,7 @@ class Services:
     on_fatal: Callable[[str], None] | None = None
     responses: ResponsesService | None = None
     messages: MessagesService | None = None
+    completions: CompletionsService | None = None
 
 
 def create_app(
@@ -84,6 +95,7 @@ def create_app(
 
     routes = [
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
+        Route("/v1/completions", completions.create, methods=["POST"]),
         Route("/v1/messages", messages.create, methods=["POST"]),
         Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
         Route("/v1/responses", responses_routes.create, methods=["POST"]),
@@ -200,6 +212,7 @@ async def _running(
             on_fatal=on_fatal,
         )
         services.messages = MessagesService(services.chat)
+        services.completions = CompletionsService(services.chat)
         services.responses = ResponsesService(services.chat, ResponseStore(db))
         for engine in engines:
             loading.append(asyncio.create_task(_start(engine, services)))

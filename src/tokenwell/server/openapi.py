@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 
 from tokenwell.billing.keys import KeyFields
 from tokenwell.protocol import anthropic as messages_requests
+from tokenwell.protocol import completions as completions_requests
 from tokenwell.protocol import requests as chat_requests
 from tokenwell.protocol import responses as responses_codec
 
@@ -33,6 +34,7 @@ _NAMES: dict[type[BaseModel], str] = {
     chat_requests._ToolCallIn: "ToolCall",
     chat_requests._FunctionCall: "FunctionCall",
     KeyFields: "KeyFields",
+    completions_requests._CompletionsBody: "CompletionRequest",
     messages_requests._MessagesBody: "MessagesRequest",
     messages_requests._MessagesToolChoice: "MessagesToolChoice",
     messages_requests._MessagesMetadata: "MessagesMetadata",
@@ -66,6 +68,16 @@ def _schemas() -> dict[str, Any]:
         ]
     }
     defs["ChatCompletionRequest"]["description"] = "A chat completion request."
+    token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+    defs["CompletionRequest"]["description"] = "A (text) completion request: a raw prompt."
+    defs["CompletionRequest"]["properties"]["prompt"] = {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            token_ids,
+            {"type": "array", "items": token_ids, "minItems": 1},
+        ]
+    }
     defs["KeyCreate"] = {
         "allOf": [_ref("KeyFields")],
         "required": ["name"],
@@ -289,6 +301,23 @@ def _paths() -> dict[str, Any]:
                 chat_ok,
                 errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
                 body="ChatCompletionRequest",
+            )
+        },
+        "/v1/completions": {
+            "post": _operation(
+                "Create a (text) completion",
+                {
+                    "200": {
+                        "description": "A text_completion (JSON), or its chunks as "
+                        "server-sent events",
+                        "content": {
+                            "application/json": {"schema": _ref("Object")},
+                            "text/event-stream": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
+                errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
+                body="CompletionRequest",
             )
         },
         **_responses_paths(),

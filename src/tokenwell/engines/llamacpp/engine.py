@@ -10,7 +10,7 @@ from typing import Any
 from tokenwell.config import ModelConfig
 from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
 from tokenwell.engines.llamacpp.model import Model, builtin_model_path
-from tokenwell.engines.llamacpp.prompt import render_prompt
+from tokenwell.engines.llamacpp.prompt import Rendered, render_prompt
 from tokenwell.engines.llamacpp.sampling import SamplingParams, check_grammar, seed32
 from tokenwell.engines.llamacpp.scheduler import Job, Scheduler, exit_process
 from tokenwell.engines.llamacpp.selftest import verify
@@ -96,17 +96,36 @@ class LlamaCppEngine(Engine):
                     param="logit_bias",
                     code="invalid_value",
                 )
-        rendered = render_prompt(model, request)
-        if rendered.grammar is not None:
-            check_grammar(model, rendered.grammar)
-        prompt = model.tokenize(rendered.text)
+        if isinstance(request.prompt, tuple):  # token ids, as they are
+            for token in request.prompt:
+                if token >= model.n_vocab:
+                    raise InvalidRequest(
+                        f"Invalid 'prompt': token id {token} is not in the vocabulary "
+                        f"(0..{model.n_vocab - 1}).",
+                        param="prompt",
+                        code="invalid_value",
+                    )
+            rendered = Rendered("")
+            prompt = list(request.prompt)
+        else:
+            rendered = render_prompt(model, request)
+            if rendered.grammar is not None:
+                check_grammar(model, rendered.grammar)
+            prompt = model.tokenize(rendered.text)
+        where = "messages" if request.prompt is None else "prompt"
+        if not prompt:
+            raise InvalidRequest(
+                "Invalid 'prompt': it is empty once tokenized.",
+                param="prompt",
+                code="invalid_value",
+            )
         limit = scheduler.n_ctx_slot
         if len(prompt) >= limit:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {limit} tokens. However, your "
                 f"messages resulted in {len(prompt)} tokens. Please reduce the length of "
                 "the messages.",
-                param="messages",
+                param=where,
             )
         room = limit - len(prompt)
         if request.max_tokens is not None and request.max_tokens > room:
@@ -115,7 +134,7 @@ class LlamaCppEngine(Engine):
                 f"requested {len(prompt) + request.max_tokens} tokens ({len(prompt)} in the "
                 f"messages, {request.max_tokens} in the completion). Please reduce the "
                 "length of the messages or completion.",
-                param="messages",
+                param=where,
             )
         max_tokens = request.max_tokens or room
         return Prepared(request, len(prompt), max_tokens, payload=(prompt, rendered))

@@ -32,6 +32,8 @@ class Rendered:
 
 
 def render_prompt(model: Model, request: ChatRequest) -> Rendered:
+    if isinstance(request.prompt, str):  # /v1/completions: the raw text, no template
+        return Rendered(request.prompt)
     with_tools = bool(request.tools) and request.tool_choice != "none"
     messages = template_messages(request, with_tools)
     try:
