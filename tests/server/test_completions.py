@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import orjson
 import pytest
 
-from tests.support import Server, ledger_row, sse_events
+from tests.support import MASTER, Server, ledger_row, sse_events
 
 
 def test_plain_completion_and_ledger_row(scripted_server: Server) -> None:
@@ -156,3 +158,40 @@ def test_openapi_describes_completions(scripted_server: Server) -> None:
     schema = doc["components"]["schemas"]["CompletionRequest"]
     assert {"prompt", "max_tokens", "echo", "suffix", "logprobs"} <= set(schema["properties"])
     assert len(schema["properties"]["prompt"]["anyOf"]) == 4
+
+
+def test_through_an_upstream_gateway(scripted_server: Server, tmp_path: Path) -> None:
+    """An upstream model gets /v1/completions as it came (suffix too), one prompt per
+    upstream request; the upstream's usage is what the gateway bills."""
+    config = (
+        '[[models]]\nname = "relay"\nengine = "upstream"\n'
+        f'urls = ["{scripted_server.base}/v1"]\nmodel = "scripted"\napi_key = "{MASTER}"\n'
+        "price = { prompt = 1.0, completion = 2.0 }\n"
+    )
+    with Server(tmp_path, config) as gateway:
+        client = gateway.client()
+        raw = client.completions.with_raw_response.create(
+            model="relay", prompt=["a b", "c d e"], n=2, echo=True, max_tokens=50
+        )
+        done = raw.parse()
+        assert [c.text for c in done.choices] == [
+            "a bYou said: a b",
+            "a bYou said: a b",
+            "c d eYou said: c d e",
+            "c d eYou said: c d e",
+        ]
+        assert done.usage is not None
+        assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (5, 18)
+        row = ledger_row(gateway, raw.headers["x-request-id"])
+        assert row["api"] == "completions" and row["estimated"] is False
+        assert (row["prompt_tokens"], row["completion_tokens"]) == (5, 18)
+        streamed = client.completions.create(
+            model="relay", prompt="one two", stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(streamed)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == "You said: one two"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+        # The suffix goes to the upstream, which answers for it (the scripted one refuses).
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="relay", prompt="x", suffix="y")
+        assert "suffix" in str(info.value)

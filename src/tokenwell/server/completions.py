@@ -156,8 +156,9 @@ class CompletionsService:
 
 
 def _can_suffix(engine: Engine) -> bool:
-    # Only an upstream that serves /v1/completions itself could (not passed yet).
-    return False
+    # An upstream gets the request as it came (suffix included) and answers
+    # for itself; the embedded models have no fill-in-the-middle.
+    return engine.kind == "upstream"
 
 
 def _as_user(text: str) -> tuple[Message, ...]:

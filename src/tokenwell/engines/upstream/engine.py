@@ -20,7 +20,7 @@ import orjson
 
 from tokenwell.config import ModelConfig
 from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared, run_as_task
-from tokenwell.engines.upstream.normalize import MalformedChunk, Normalizer
+from tokenwell.engines.upstream.normalize import MalformedChunk, Normalizer, chat_chunk
 from tokenwell.engines.upstream.pool import Pool, Replica
 from tokenwell.engines.upstream.settings import parse_settings
 from tokenwell.engines.upstream.tokens import Counter
@@ -105,6 +105,10 @@ class UpstreamEngine(Engine):
 
     def _prompt_estimate(self, request: ChatRequest) -> int:
         """An over-estimate of the prompt: no token is shorter than one byte."""
+        if isinstance(request.prompt, tuple):
+            return len(request.prompt)
+        if request.prompt is not None:
+            return len(request.prompt.encode())
         total = 0
         for message in request.messages:
             text = message.content or ""
@@ -134,6 +138,13 @@ class UpstreamEngine(Engine):
 
     def _body(self, request: ChatRequest, replica: Replica) -> dict[str, Any]:
         body = dict(request.raw)
+        if request.prompt is not None:
+            # /v1/completions, one prompt per upstream request (tokenwell merges
+            # them and echoes the prompt itself).
+            body["prompt"] = (
+                list(request.prompt) if isinstance(request.prompt, tuple) else (request.prompt)
+            )
+            body.pop("echo", None)
         body["model"] = replica.model or self.model_id
         body["stream"] = True
         options: dict[str, Any] = {"include_usage": True}
@@ -184,6 +195,10 @@ class UpstreamEngine(Engine):
     def _count_prompt(self, request: ChatRequest, fallback: int) -> int:
         if self.counter is None:
             return fallback
+        if isinstance(request.prompt, tuple):
+            return len(request.prompt)
+        if request.prompt is not None:
+            return self.counter.count(request.prompt)
         texts = [m.content or "" for m in request.messages]
         return sum(self.counter.count(t) + 4 for t in texts)
 
@@ -194,7 +209,7 @@ class UpstreamEngine(Engine):
         headers = {"Content-Type": "application/json", **replica.headers()}
         try:
             async with self.client.post(
-                f"{replica.url}/chat/completions",
+                f"{replica.url}/{'chat/completions' if request.prompt is None else 'completions'}",
                 data=orjson.dumps(self._body(request, replica)),
                 headers=headers,
             ) as response:
@@ -210,7 +225,10 @@ class UpstreamEngine(Engine):
                         if event.data == "[DONE]":
                             done = True
                             break
-                        events = normalizer.feed(orjson.loads(event.data))
+                        chunk = orjson.loads(event.data)
+                        if request.prompt is not None:
+                            chunk = chat_chunk(chunk)
+                        events = normalizer.feed(chunk)
                         if events:
                             emitted = True
                             gen.push(events)

@@ -137,3 +137,41 @@ class Normalizer:
     @property
     def finished(self) -> set[int]:
         return self._finished
+
+
+def chat_chunk(chunk: Any) -> Any:
+    """A ``text_completion`` chunk (an upstream's ``/v1/completions``) as a chat
+    completion chunk, so that one normaliser reads both."""
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+        return chunk
+    choices = []
+    for choice in chunk["choices"]:
+        if not isinstance(choice, dict):
+            choices.append(choice)
+            continue
+        out = {
+            "index": choice.get("index", 0),
+            "delta": {"content": choice.get("text") or ""},
+            "finish_reason": choice.get("finish_reason"),
+            "logprobs": None,
+        }
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict) and isinstance(logprobs.get("tokens"), list):
+            tops = logprobs.get("top_logprobs") or []
+            values = logprobs.get("token_logprobs") or []
+            content = []
+            for i, token in enumerate(logprobs["tokens"]):
+                top = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+                content.append(
+                    {
+                        "token": token,
+                        "logprob": values[i] if i < len(values) else None,
+                        "bytes": None,
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp, "bytes": None} for t, lp in top.items()
+                        ],
+                    }
+                )
+            out["logprobs"] = {"content": content}
+        choices.append(out)
+    return {**chunk, "choices": choices}
