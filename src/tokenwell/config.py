@@ -44,13 +44,20 @@ class Price(BaseModel):
     prompt: Decimal = Decimal(0)
     cached_prompt: Decimal | None = None
     completion: Decimal = Decimal(0)
+    # Input tokens of ``/v1/embeddings``; the prompt price when absent.
+    embedding: Decimal | None = None
 
-    @field_validator("prompt", "cached_prompt", "completion")
+    @field_validator("prompt", "cached_prompt", "completion", "embedding")
     @classmethod
     def _not_negative(cls, value: Decimal | None) -> Decimal | None:
         if value is not None and value < 0:
             raise ValueError("prices cannot be negative")
         return value
+
+    def for_embeddings(self) -> Price:
+        """The price of an embeddings request: its input tokens, nothing generated."""
+        rate = self.embedding if self.embedding is not None else self.prompt
+        return Price(prompt=rate, cached_prompt=rate, completion=Decimal(0))
 
 
 class ModelConfig(BaseModel):
@@ -65,6 +72,9 @@ class ModelConfig(BaseModel):
     # as "claude-*"), in every API: a client that sends its vendor's default
     # model name reaches the model the operator chose.
     aliases: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(default_factory=list)
+    # ``/v1/embeddings``: whether ``dimensions`` below the model's own may cut its
+    # vectors (a Matryoshka-trained model); otherwise ``dimensions`` is refused.
+    embedding_truncate: bool = False
 
     @property
     def options(self) -> dict[str, Any]:

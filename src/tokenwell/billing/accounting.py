@@ -184,6 +184,8 @@ class Accounting:
         duplicate only gets here when it raced the first on another replica)."""
         request = prepared.request
         price = self.prices.get(request.model, _FREE)
+        if request.api == "embeddings":
+            price = price.for_embeddings()
         request_id = request_id or new_request_id()
         if not self.metering:
             ticket = Ticket(self, request_id, key, request.model, price, 0, 0)
@@ -346,6 +348,8 @@ class Accounting:
             known = journal_entries.get(row.id)
             prompt, cached, completion = known if known is not None else (0, 0, 0)
             price = self.prices.get(row.model, _FREE)
+            if getattr(row, "api", None) == "embeddings":
+                price = price.for_embeddings()
             await self.ledger.close(
                 CloseRow(
                     id=row.id,

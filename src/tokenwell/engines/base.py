@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tokenwell.config import ModelConfig
+from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.events import Event, Failed, Finish, Meter
 from tokenwell.protocol.requests import ChatRequest
 
@@ -243,3 +244,25 @@ class Engine(ABC):
     def stats(self) -> dict[str, Any]:
         """Numbers for /health and /metrics (queue depth, running sequences…)."""
         return {}
+
+    # -- /v1/embeddings (engines that serve them override these)
+
+    @property
+    def embedding_size(self) -> int | None:
+        """Dimensions of this model's embeddings, when known before computing one."""
+        return None
+
+    def prepare_embeddings(
+        self, request: ChatRequest, inputs: list[str | tuple[int, ...]]
+    ) -> Prepared:
+        """Count (and check) the inputs' tokens before admission: ``prompt_tokens``
+        is what the request is billed, ``max_completion_tokens`` is 0."""
+        raise InvalidRequest(
+            f"The model `{self.model_id}` does not serve embeddings.",
+            param="model",
+            code="model_not_supported",
+        )
+
+    async def embed(self, prepared: Prepared, meter: Meter) -> list[list[float]]:
+        """One L2-normalised vector per input, in order; counts into ``meter``."""
+        raise NotImplementedError

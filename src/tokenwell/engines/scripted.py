@@ -20,6 +20,8 @@ meters exactly what it emitted.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -62,6 +64,8 @@ class ScriptedSettings(BaseModel):
     context: int = Field(default=8192, ge=16)
     parallel: int = Field(default=256, ge=1)
     max_queue: int = Field(default=1024, ge=0)
+    # /v1/embeddings: hashed bags of words of this many dimensions.
+    embedding_dimensions: int = Field(default=64, ge=1, le=4096)
 
 
 class _ScriptCall(BaseModel):
@@ -193,6 +197,46 @@ class ScriptedEngine(Engine):
                 param=where,
             )
         return Prepared(request, prompt, request.max_tokens or room, payload=self._plan(request))
+
+    @property
+    def embedding_size(self) -> int | None:
+        return self.settings.embedding_dimensions
+
+    def prepare_embeddings(
+        self, request: ChatRequest, inputs: list[str | tuple[int, ...]]
+    ) -> Prepared:
+        words = [
+            [f"#{t}" for t in item] if isinstance(item, tuple) else split_tokens(item)
+            for item in inputs
+        ]
+        for i, item in enumerate(words):
+            if len(item) > self.settings.context:
+                where = "input" if len(words) == 1 else f"input.[{i}]"
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {self.settings.context} tokens. "
+                    f"However, '{where}' has {len(item)} tokens.",
+                    param=where,
+                )
+        return Prepared(request, sum(len(w) for w in words), 0, payload=words)
+
+    async def embed(self, prepared: Prepared, meter: Meter) -> list[list[float]]:
+        """Deterministic: a hashed bag of the lowercased words, L2-normalised."""
+        if not self._ready:
+            raise Overloaded(
+                f"The model `{self.model_id}` is not ready.", headers={"Retry-After": "1"}
+            )
+        dims = self.settings.embedding_dimensions
+        vectors = []
+        for words in prepared.payload:
+            vector = [0.0] * dims
+            for word in words:
+                digest = hashlib.blake2b(word.strip().lower().encode(), digest_size=8).digest()
+                value = int.from_bytes(digest, "little")
+                vector[value % dims] += 1.0 if (value >> 32) & 1 else -1.0
+            norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+            vectors.append([x / norm for x in vector])
+        meter.prompt_tokens = prepared.prompt_tokens
+        return vectors
 
     def submit(self, prepared: Prepared, meter: Meter | None = None) -> Generation:
         if not self._ready:

@@ -36,6 +36,7 @@ from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap
 from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.completions import CompletionsService
+from tokenwell.server.embeddings import EmbeddingsService
 from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_error
 from tokenwell.server.idempotent import IdempotencyService
 from tokenwell.server.messages import MessagesService
@@ -45,6 +46,7 @@ from tokenwell.server.routes import (
     admin,
     chat,
     completions,
+    embeddings,
     health,
     messages,
     models,
@@ -73,6 +75,7 @@ class Services:
     responses: ResponsesService | None = None
     messages: MessagesService | None = None
     completions: CompletionsService | None = None
+    embeddings: EmbeddingsService | None = None
 
 
 def create_app(
@@ -96,6 +99,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", chat.create, methods=["POST"]),
         Route("/v1/completions", completions.create, methods=["POST"]),
+        Route("/v1/embeddings", embeddings.create, methods=["POST"]),
         Route("/v1/messages", messages.create, methods=["POST"]),
         Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
         Route("/v1/responses", responses_routes.create, methods=["POST"]),
@@ -213,6 +217,7 @@ async def _running(
         )
         services.messages = MessagesService(services.chat)
         services.completions = CompletionsService(services.chat)
+        services.embeddings = EmbeddingsService(services.chat)
         services.responses = ResponsesService(services.chat, ResponseStore(db))
         for engine in engines:
             loading.append(asyncio.create_task(_start(engine, services)))

@@ -19,6 +19,7 @@ from pydantic.json_schema import models_json_schema
 from tokenwell.billing.keys import KeyFields
 from tokenwell.protocol import anthropic as messages_requests
 from tokenwell.protocol import completions as completions_requests
+from tokenwell.protocol import embeddings as embeddings_requests
 from tokenwell.protocol import requests as chat_requests
 from tokenwell.protocol import responses as responses_codec
 
@@ -35,6 +36,7 @@ _NAMES: dict[type[BaseModel], str] = {
     chat_requests._FunctionCall: "FunctionCall",
     KeyFields: "KeyFields",
     completions_requests._CompletionsBody: "CompletionRequest",
+    embeddings_requests._EmbeddingsBody: "EmbeddingRequest",
     messages_requests._MessagesBody: "MessagesRequest",
     messages_requests._MessagesToolChoice: "MessagesToolChoice",
     messages_requests._MessagesMetadata: "MessagesMetadata",
@@ -74,6 +76,15 @@ def _schemas() -> dict[str, Any]:
         "anyOf": [
             {"type": "string"},
             {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            token_ids,
+            {"type": "array", "items": token_ids, "minItems": 1},
+        ]
+    }
+    defs["EmbeddingRequest"]["description"] = "An embeddings request."
+    defs["EmbeddingRequest"]["properties"]["input"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
             token_ids,
             {"type": "array", "items": token_ids, "minItems": 1},
         ]
@@ -318,6 +329,14 @@ def _paths() -> dict[str, Any]:
                 },
                 errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
                 body="CompletionRequest",
+            )
+        },
+        "/v1/embeddings": {
+            "post": _operation(
+                "Create embeddings",
+                {"200": _json("Object")},
+                errors=(400, 401, 403, 404, 408, 413, 429, 503),
+                body="EmbeddingRequest",
             )
         },
         **_responses_paths(),

@@ -12,7 +12,7 @@ from tokenwell.engines.base import Engine, Generation, ModelCard, Prepared
 from tokenwell.engines.llamacpp.model import Model, builtin_model_path
 from tokenwell.engines.llamacpp.prompt import Rendered, render_prompt
 from tokenwell.engines.llamacpp.sampling import SamplingParams, check_grammar, seed32
-from tokenwell.engines.llamacpp.scheduler import Job, Scheduler, exit_process
+from tokenwell.engines.llamacpp.scheduler import EmbedJob, Job, Scheduler, exit_process
 from tokenwell.engines.llamacpp.selftest import verify
 from tokenwell.engines.llamacpp.settings import parse_settings
 from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
@@ -138,6 +138,53 @@ class LlamaCppEngine(Engine):
             )
         max_tokens = request.max_tokens or room
         return Prepared(request, len(prompt), max_tokens, payload=(prompt, rendered))
+
+    @property
+    def embedding_size(self) -> int | None:
+        return self.model.n_embd if self.model is not None else None
+
+    def prepare_embeddings(
+        self, request: ChatRequest, inputs: list[str | tuple[int, ...]]
+    ) -> Prepared:
+        model, _ = self._loaded()
+        limit = self.settings.context
+        tokenized: list[list[int]] = []
+        for i, item in enumerate(inputs):
+            where = "input" if len(inputs) == 1 else f"input.[{i}]"
+            tokens = list(item) if isinstance(item, tuple) else model.tokenize(item)
+            if any(t >= model.n_vocab for t in tokens):
+                raise InvalidRequest(
+                    f"Invalid '{where}': token ids are 0..{model.n_vocab - 1} for this model.",
+                    param=where,
+                    code="invalid_value",
+                )
+            if not tokens:
+                raise InvalidRequest(
+                    f"Invalid '{where}': it is empty once tokenized.",
+                    param=where,
+                    code="invalid_value",
+                )
+            if len(tokens) > limit:
+                raise ContextLengthExceeded(
+                    f"This model's maximum context length is {limit} tokens. However, "
+                    f"'{where}' has {len(tokens)} tokens. Please shorten it.",
+                    param=where,
+                )
+            tokenized.append(tokens)
+        return Prepared(request, sum(len(t) for t in tokenized), 0, payload=tokenized)
+
+    async def embed(self, prepared: Prepared, meter: Meter) -> list[list[float]]:
+        _, scheduler = self._loaded()
+        loop = asyncio.get_running_loop()
+        job = EmbedJob(prepared.payload, loop.create_future())
+        scheduler.submit_embed(job)
+        try:
+            vectors = await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True  # the scheduler drops what it has not computed
+            raise
+        meter.prompt_tokens = prepared.prompt_tokens
+        return vectors
 
     def submit(self, prepared: Prepared, meter: Meter | None = None) -> Generation:
         _, scheduler = self._loaded()

@@ -67,6 +67,22 @@ class Model:
         self._piece_cache: dict[int, bytes] = {}
         self.template = ChatTemplate(self)
 
+    @cached_property
+    def n_embd(self) -> int:
+        return int(L.llama_model_n_embd(self.ptr))
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value, as text; None when the file has no such key."""
+        buf = ctypes.create_string_buffer(256)
+        n = L.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    @cached_property
+    def pooling_type(self) -> str | None:
+        """The GGUF's own pooling for embeddings (``<arch>.pooling_type``), if any."""
+        arch = self.meta("general.architecture")
+        return self.meta(f"{arch}.pooling_type") if arch else None
+
     def free(self) -> None:
         if self.ptr:
             L.llama_model_free(self.ptr)

@@ -10,6 +10,11 @@ samples every sequence at its batch index with its own sampler chain, and
 hands the step's events to the event loop in one callback. New requests join
 between steps; a finished or cancelled sequence frees its slot at once.
 
+Embeddings (``/v1/embeddings``) run on this thread too, in a second context
+with embeddings on: each step computes the next waiting inputs (about
+``prefill_chunk`` tokens while streams run) before the decode, so running
+streams wait at most one small extra decode per step.
+
 A slot keeps its KV cells after a request ends: the next request is placed in
 the free slot sharing the longest token prefix with its prompt, and only the
 rest of the prompt is computed (``cached_tokens``).
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
@@ -49,6 +55,9 @@ from tokenwell.protocol.events import Event, Failed, Finish, TextDelta
 
 log = logging.getLogger(__name__)
 
+# Inputs computed together in one embeddings decode (sequences of its context).
+EMBED_SEQS = 64
+
 
 @dataclass(eq=False)
 class Job:
@@ -74,6 +83,21 @@ class Job:
     logits_index: int = -1
     logits_output: int = -1
     submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class EmbedJob:
+    """One ``/v1/embeddings`` request: its inputs' tokens, computed a few at a time
+    between decode steps, in the scheduler's own embeddings context."""
+
+    inputs: list[list[int]]
+    future: asyncio.Future[list[list[float]]]
+    results: list[list[float] | None] = field(default_factory=list)
+    next: int = 0  # the next input to compute
+    cancelled: bool = False
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.inputs)
 
 
 @dataclass(eq=False)
@@ -130,6 +154,12 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._prefilling: deque[Job] = deque()
         self._running: list[Seq] = []
+        self._embed_inbox: deque[EmbedJob] = deque()
+        self._embeds: deque[EmbedJob] = deque()
+        self.embed_ctx: Any = None
+        self.embed_pooled = True
+        self.embed_batch: Any = None
+        self.embeddings_computed = 0
         self._wake = threading.Condition()
         self._stopping = False
         # Written by one thread each, so their difference needs no lock.
@@ -183,6 +213,16 @@ class Scheduler:
             self._inbox.append(job)
             self._wake.notify()
 
+    def submit_embed(self, job: EmbedJob) -> None:
+        if self.dead is not None:
+            raise Overloaded(
+                "The model's decode thread has stopped; this server cannot compute.",
+                code="engine_unavailable",
+            )
+        with self._wake:
+            self._embed_inbox.append(job)
+            self._wake.notify()
+
     def cancel(self, job: Job) -> None:
         job.cancelled = True
         with self._wake:
@@ -201,12 +241,19 @@ class Scheduler:
         try:
             while True:
                 with self._wake:
-                    while not self._stopping and not self._inbox and not self._active():
+                    while (
+                        not self._stopping
+                        and not self._inbox
+                        and not self._embed_inbox
+                        and not self._active()
+                    ):
                         self._wake.wait()
                     if self._stopping:
                         break
                     self._waiting.extend(self._inbox)
                     self._inbox.clear()
+                    self._embeds.extend(self._embed_inbox)
+                    self._embed_inbox.clear()
                 faults.hit("decode-loop")
                 self._step()
         except BaseException as exc:
@@ -221,7 +268,7 @@ class Scheduler:
             self._shutdown()
 
     def _active(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return bool(self._waiting or self._prefilling or self._running or self._embeds)
 
     def _open_context(self) -> None:
         s = self.settings
@@ -250,6 +297,14 @@ class Scheduler:
             closed.append(job.generation)
             self._release(job)
         self._deliver(events, closed)
+        for embed in [*self._embed_inbox, *self._embeds]:
+            self._embed_fail(embed, Overloaded("the server is shutting down"))
+        if self.embed_batch is not None:
+            L.llama_batch_free(self.embed_batch)
+            self.embed_batch = None
+        if self.embed_ctx:
+            L.llama_free(self.embed_ctx)
+            self.embed_ctx = None
         if self.batch is not None:
             L.llama_batch_free(self.batch)
             self.batch = None
@@ -281,6 +336,8 @@ class Scheduler:
         closed: list[Generation] = []
         self._drop_cancelled(closed)
         self._admit(events, closed)
+        if self._embeds:
+            self._embed_step()
         if not self._running and not self._prefilling:
             self._hold(events, closed)
             self._flush()
@@ -542,6 +599,132 @@ class Scheduler:
                 seq.slot.tokens.clear()
         self._prefilling.clear()
         self._running.clear()
+
+    # ------------------------------------------------------------ embeddings
+
+    def _open_embed_context(self) -> None:
+        s = self.settings
+        model = self.model
+        params = L.llama_context_default_params()
+        params.embeddings = True
+        # The GGUF's pooling when it names one, else the mean of the tokens.
+        params.pooling_type = (
+            L.LLAMA_POOLING_TYPE_UNSPECIFIED
+            if model.pooling_type is not None
+            else L.LLAMA_POOLING_TYPE_MEAN
+        )
+        params.n_ctx = s.context
+        params.n_batch = s.context
+        # Pooled embeddings need each sequence whole in one micro-batch.
+        params.n_ubatch = s.context
+        params.n_seq_max = EMBED_SEQS
+        params.kv_unified = True
+        params.n_threads = s.threads
+        params.n_threads_batch = s.threads
+        params.no_perf = True
+        self.embed_ctx = L.llama_init_from_model(model.ptr, params)
+        if not self.embed_ctx:
+            raise RuntimeError("llama.cpp could not create an embeddings context")
+        self.embed_batch = L.llama_batch_init(s.context, 0, 1)
+        self.embed_pooled = L.llama_pooling_type(self.embed_ctx) != L.LLAMA_POOLING_TYPE_NONE
+
+    def _embed_step(self) -> None:
+        """Compute the next inputs of waiting embeddings, one decode: while streams
+        run, about ``prefill_chunk`` tokens (at least one whole input), so that
+        their next token is not held up for long."""
+        while self._embeds and self._embeds[0].cancelled:
+            self._embeds.popleft()
+        if not self._embeds:
+            return
+        try:
+            if self.embed_ctx is None:
+                self._open_embed_context()
+        except Exception as exc:
+            log.exception("could not open the embeddings context")
+            while self._embeds:
+                self._embed_fail(self._embeds.popleft(), exc)
+            return
+        budget = self.settings.prefill_chunk if self._running else self.settings.context
+        batch = self.embed_batch
+        batch.n_tokens = 0
+        taken: list[tuple[EmbedJob, int, int, int]] = []  # job, input, seq, first row
+        while self._embeds and len(taken) < EMBED_SEQS:
+            job = self._embeds[0]
+            if job.cancelled:
+                self._embeds.popleft()
+                continue
+            tokens = job.inputs[job.next]
+            if taken and batch.n_tokens + len(tokens) > budget:
+                break
+            seq = len(taken)
+            first = batch.n_tokens
+            for pos, token in enumerate(tokens):
+                i = batch.n_tokens
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = True
+                batch.n_tokens = i + 1
+            taken.append((job, job.next, seq, first))
+            job.next += 1
+            if job.next == len(job.inputs):
+                self._embeds.popleft()
+        if not taken:
+            return
+        started = time.perf_counter()
+        try:
+            rc = L.llama_decode(self.embed_ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            n_embd = self.model.n_embd
+            for job, index, seq, first in taken:
+                if self.embed_pooled:
+                    ptr = L.llama_get_embeddings_seq(self.embed_ctx, seq)
+                    vector = list(ptr[:n_embd])
+                else:  # a GGUF that says "no pooling": the mean of its tokens
+                    count = len(job.inputs[index])
+                    vector = [0.0] * n_embd
+                    for row in range(first, first + count):
+                        ptr = L.llama_get_embeddings_ith(self.embed_ctx, row)
+                        for d, x in enumerate(ptr[:n_embd]):
+                            vector[d] += x
+                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                job.results[index] = [x / norm for x in vector]
+                self.embeddings_computed += 1
+        except Exception as exc:
+            log.exception("embeddings decode failed")
+            for job in {t[0] for t in taken}:
+                job.cancelled = True
+                self._embed_fail(job, exc)
+            while self._embeds and self._embeds[0].cancelled:
+                self._embeds.popleft()
+        finally:
+            L.llama_memory_clear(L.llama_get_memory(self.embed_ctx), True)
+            self.decode_seconds += time.perf_counter() - started
+        for job in {t[0] for t in taken}:
+            if not job.cancelled and all(r is not None for r in job.results):
+                self._embed_done(job)
+
+    def _embed_done(self, job: EmbedJob) -> None:
+        results = [r for r in job.results if r is not None]
+
+        def apply() -> None:
+            if not job.future.done():
+                job.future.set_result(results)
+
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(apply)
+
+    def _embed_fail(self, job: EmbedJob, exc: BaseException) -> None:
+        error = exc if isinstance(exc, Overloaded) else RuntimeError(f"embedding failed: {exc}")
+
+        def apply() -> None:
+            if not job.future.done():
+                job.future.set_exception(error)
+
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(apply)
 
 
 def exit_process(exc: BaseException) -> None:
