@@ -1,7 +1,10 @@
 """Idempotency records: one per (API key, ``Idempotency-Key``), beside the ledger.
 
-A request with a key first *claims* it: one ``INSERT … ON CONFLICT DO
-NOTHING`` on the primary key ``(key_id, idempotency_key)``. Exactly one of any
+A request with a key first *claims* it: an insert that does nothing on a
+conflict on the primary key ``(key_id, idempotency_key)``. With metering on,
+the claim is written by the ledger with the request's open, and its result or
+release with the closes (``billing.claims``); ``claim``, ``finish`` and
+``release`` here are the transactions used without metering. Exactly one of any
 number of concurrent first requests, on any replica, inserts the row and
 generates; the others find the row and attach to its generation or replay its
 result. The row keeps the request's ledger id and, once it finished, its
