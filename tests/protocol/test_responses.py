@@ -27,7 +27,7 @@ from tokenwell.protocol.sse import SSEDecoder
 # ../shared/fixtures beside the checkout (see ARCHITECTURE.md).
 FIXTURES = Path(__file__).resolve().parents[3] / "shared/fixtures/openai-responses-recorded"
 
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="no recorded fixtures here")
+needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="no recorded fixtures here")
 
 
 def recorded(name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -71,6 +71,7 @@ def shape(value: Any) -> Any:
     return type(value).__name__ if value is not None else None
 
 
+@needs_fixtures
 @pytest.mark.parametrize(
     ("name", "body"),
     [
@@ -128,6 +129,7 @@ def test_replay_matches_the_recording(name: str, body: dict[str, Any]) -> None:
     assert b"[DONE]" not in wire
 
 
+@needs_fixtures
 def test_the_non_streamed_object_has_every_field_of_the_recording() -> None:
     rec = orjson.loads((FIXTURES / "response.json").read_bytes())
     req = parse_responses_request({"model": "m", "input": "What is 4200 + 42?"})
@@ -147,6 +149,7 @@ def test_the_non_streamed_object_has_every_field_of_the_recording() -> None:
     assert enc.final["usage"] == rec["usage"]
 
 
+@needs_fixtures
 def test_a_failure_mid_stream_ends_as_openai_does() -> None:
     rec = [
         orjson.loads(line)
