@@ -11,7 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.support import Server, ledger_row, model_config
+from tests.support import MASTER, Server, ledger_row, model_config
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -153,3 +153,31 @@ def test_openapi_describes_embeddings(scripted_server: Server) -> None:
     schema = doc["components"]["schemas"]["EmbeddingRequest"]
     assert {"model", "input", "encoding_format", "dimensions"} <= set(schema["properties"])
     assert len(schema["properties"]["input"]["anyOf"]) == 4
+
+
+def test_through_an_upstream_gateway(scripted_server: Server, tmp_path: Path) -> None:
+    """An upstream model's embeddings come from the upstream's /v1/embeddings; its
+    usage is billed; base64 is encoded by the gateway; its 400s reach the client."""
+    config = (
+        '[[models]]\nname = "relay"\nengine = "upstream"\n'
+        f'urls = ["{scripted_server.base}/v1"]\nmodel = "scripted"\napi_key = "{MASTER}"\n'
+        "price = { prompt = 1.0, completion = 2.0, embedding = 0.5 }\n"
+    )
+    direct = scripted_server.client().embeddings.create(model="scripted", input=["a b", "c"])
+    with Server(tmp_path, config) as gateway:
+        raw = gateway.client().embeddings.with_raw_response.create(
+            model="relay", input=["a b", "c"], encoding_format="base64"
+        )
+        done = raw.parse()
+        for got, expected in zip(done.data, direct.data, strict=True):
+            assert isinstance(got.embedding, str)  # asked for explicitly: left encoded
+            raw_bytes = base64.b64decode(got.embedding)
+            decoded = struct.unpack(f"<{len(raw_bytes) // 4}f", raw_bytes)
+            assert decoded == pytest.approx(expected.embedding, abs=1e-7)
+        assert done.usage.prompt_tokens == 3 and done.model == "relay"
+        row = ledger_row(gateway, raw.headers["x-request-id"])
+        assert row["api"] == "embeddings" and row["estimated"] is False
+        assert row["prompt_tokens"] == 3
+        with pytest.raises(openai.BadRequestError) as info:
+            gateway.client().embeddings.create(model="relay", input="x", dimensions=8)
+        assert "dimensions" in str(info.value)

@@ -61,14 +61,15 @@ class EmbeddingsService:
                 )
             vectors = truncate(vectors, parsed.dimensions)
         except APIError as exc:
-            status, error = ("rejected" if exc.status < 500 else "server_error"), exc.message
+            failed = "upstream_error" if engine.kind == "upstream" else "engine_error"
+            status, error = ("rejected" if exc.status < 500 else failed), exc.message
             exc.headers.setdefault("x-request-id", ticket.request_id)
             raise
         except asyncio.CancelledError:
             status, error = "client_disconnected", "the request was cancelled"
             raise
         except Exception as exc:
-            status, error = "server_error", f"embedding failed: {exc}"
+            status, error = "engine_error", f"embedding failed: {exc}"
             raise
         finally:
             billed = meter if status in ("completed", "client_disconnected") else Meter()

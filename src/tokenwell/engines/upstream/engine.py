@@ -24,7 +24,7 @@ from tokenwell.engines.upstream.normalize import MalformedChunk, Normalizer, cha
 from tokenwell.engines.upstream.pool import Pool, Replica
 from tokenwell.engines.upstream.settings import parse_settings
 from tokenwell.engines.upstream.tokens import Counter
-from tokenwell.errors import Overloaded
+from tokenwell.errors import APIError, InvalidRequest, Overloaded, RateLimited, ServerError
 from tokenwell.protocol.events import Failed, Meter
 from tokenwell.protocol.requests import ChatRequest
 from tokenwell.protocol.sse import SSEDecoder
@@ -123,6 +123,82 @@ class UpstreamEngine(Engine):
         prompt = self._prompt_estimate(request)
         room = max(self.settings.context - min(prompt, self.settings.context), 1)
         return Prepared(request, prompt, request.max_tokens or room)
+
+    # ------------------------------------------------------------------ embeddings
+
+    def prepare_embeddings(
+        self, request: ChatRequest, inputs: list[str | tuple[int, ...]]
+    ) -> Prepared:
+        # Counted exactly with the tokenizer when there is one, else over-estimated
+        # (bytes); the upstream's usage is what is billed.
+        total = 0
+        for item in inputs:
+            if isinstance(item, tuple):
+                total += len(item)
+            else:
+                total += self.counter.count(item) if self.counter else len(item.encode())
+        return Prepared(request, total, 0)
+
+    async def embed(self, prepared: Prepared, meter: Meter) -> list[list[float]]:
+        """Passed through to an upstream's ``/v1/embeddings`` (floats asked for, and
+        encoded for the client here); retried on another replica as generations are."""
+        if self.client is None or self.pool is None or not self.pool.healthy:
+            raise Overloaded(
+                f"No upstream for `{self.model_id}` is reachable right now.",
+                headers={"Retry-After": "2"},
+            )
+        meter.prompt_tokens = prepared.prompt_tokens
+        meter.estimated = True
+        tried: set[Replica] = set()
+        last = "no upstream was tried"
+        for _ in range(self.settings.retries + 1):
+            replica = self.pool.pick(tried)
+            if replica is None:
+                break
+            tried.add(replica)
+            body = {
+                **prepared.request.raw,
+                "model": replica.model or self.model_id,
+                "encoding_format": "float",
+            }
+            replica.outstanding += 1
+            try:
+                async with self.client.post(
+                    f"{replica.url}/embeddings",
+                    data=orjson.dumps(body),
+                    headers={"Content-Type": "application/json", **replica.headers()},
+                ) as response:
+                    raw = await response.read()
+                    if response.status >= 500 or response.status in (401, 403, 404):
+                        self.pool.failed(replica, f"answered {response.status}")
+                        last = f"{replica.url} answered {response.status}"
+                        continue
+                    if response.status != 200:
+                        raise _upstream_refusal(response.status, raw, response.headers)
+                    replica.served += 1
+                    data = orjson.loads(raw)
+                    items = sorted(data["data"], key=lambda item: item["index"])
+                    vectors = [[float(x) for x in item["embedding"]] for item in items]
+                    usage = data.get("usage") or {}
+                    if isinstance(usage.get("prompt_tokens"), int):
+                        meter.prompt_tokens = usage["prompt_tokens"]
+                        meter.estimated = False
+                    return vectors
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.pool.failed(replica, f"embeddings failed: {exc!r}")
+                last = f"{replica.url}: {exc!r}"
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ServerError(
+                    f"The upstream for `{self.model_id}` sent malformed embeddings: {exc}"
+                ) from exc
+            finally:
+                replica.outstanding -= 1
+        meter.prompt_tokens = 0  # nothing was computed
+        raise Overloaded(
+            f"No upstream for `{self.model_id}` could serve the request ({last}).",
+            code="upstream_unavailable",
+            headers={"Retry-After": "2"},
+        )
 
     # ------------------------------------------------------------------ submit
 
@@ -317,3 +393,20 @@ class UpstreamEngine(Engine):
         # 401/403/404…: tokenwell's configuration of this upstream is wrong.
         self.pool.failed(replica, f"answered {status}")
         raise _Retry(f"{replica.url} answered {status}: {message}")
+
+
+def _upstream_refusal(status: int, raw: bytes, headers: Any) -> APIError:
+    """An upstream's 4xx about the request, as the client's error."""
+    message = raw.decode("utf-8", errors="replace")[:500]
+    param = None
+    with contextlib.suppress(Exception):
+        error = orjson.loads(raw)["error"]
+        if isinstance(error, dict):
+            message = str(error.get("message", message))
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+    if status == 429:
+        return RateLimited(
+            f"The upstream is rate limited: {message}",
+            headers={"Retry-After": headers.get("retry-after", "1")},
+        )
+    return InvalidRequest(f"The upstream refused the request: {message}", param=param)
