@@ -644,6 +644,72 @@ def fuzz_messages(fuzzed: Fuzzed, examples: int, models: list[str] = MODELS) -> 
     run(cases, check, examples)
 
 
+def completions_requests(fuzzed: Fuzzed, models: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    base = from_schema(fuzzed.schemas["CompletionRequest"], fuzzed.schemas)
+    prompts = st.one_of(
+        st.text(max_size=40),
+        st.lists(st.text(max_size=20), min_size=1, max_size=3),
+        st.lists(st.integers(0, 50000), min_size=1, max_size=8),
+        st.lists(st.lists(st.integers(0, 50000), min_size=1, max_size=4), min_size=1, max_size=3),
+    )
+    simple = st.fixed_dictionaries(
+        {"prompt": prompts},
+        optional={
+            "n": st.integers(1, 3),
+            "echo": st.booleans(),
+            "logprobs": st.integers(0, 5),
+            "stop": st.lists(st.text(min_size=1, max_size=5), min_size=1, max_size=4),
+            "temperature": st.floats(0, 2),
+            "stream": st.booleans(),
+            "suffix": st.text(max_size=5),
+        },
+    )
+
+    def settle(body: dict[str, Any]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries(
+            {"model": st.sampled_from([*models, "nope"]), "max_tokens": st.integers(1, 16)}
+        ).map(lambda fixed: {**body, **fixed})
+
+    return st.one_of(base.flatmap(settle), simple.flatmap(settle), simple.flatmap(settle))
+
+
+def embeddings_requests(fuzzed: Fuzzed, models: list[str]) -> st.SearchStrategy[dict[str, Any]]:
+    base = from_schema(fuzzed.schemas["EmbeddingRequest"], fuzzed.schemas)
+    simple = st.fixed_dictionaries(
+        {
+            "input": st.one_of(
+                st.text(min_size=1, max_size=40),
+                st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=4),
+                st.lists(st.integers(0, 50000), min_size=1, max_size=8),
+            )
+        },
+        optional={
+            "encoding_format": st.sampled_from(["float", "base64"]),
+            "dimensions": st.integers(1, 128),
+        },
+    )
+    model = st.sampled_from([*models, "nope"])
+    return st.one_of(base, simple, simple).flatmap(
+        lambda body: model.map(lambda m: {**body, "model": m})
+    )
+
+
+def fuzz_completions_and_embeddings(
+    fuzzed: Fuzzed, examples: int, models: list[str] = MODELS
+) -> None:
+    for path, requests in (
+        ("/v1/completions", completions_requests),
+        ("/v1/embeddings", embeddings_requests),
+    ):
+        cases = st.tuples(bodies(requests(fuzzed, models)), auths)
+
+        def check(case: tuple[bytes, str], path: str = path) -> None:
+            body, auth = case
+            fuzzed.send(f"POST {path}", "POST", path, body=body, auth=_auth(fuzzed, auth))
+
+        run(cases, check, examples)
+
+
 def fuzz_admin_keys(fuzzed: Fuzzed, examples: int) -> None:
     created = from_schema(fuzzed.schemas["KeyCreate"], fuzzed.schemas)
     fields = from_schema(fuzzed.schemas["KeyFields"], fuzzed.schemas)
@@ -719,6 +785,8 @@ def test_openapi_document_describes_the_api(fuzzed: Fuzzed) -> None:
     assert doc["openapi"].startswith("3.1")
     for path in (
         "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
         "/v1/messages",
         "/v1/messages/count_tokens",
         "/v1/models",
@@ -758,6 +826,12 @@ def test_fuzz_responses(fuzzed: Fuzzed) -> None:
 def test_fuzz_messages(fuzzed: Fuzzed) -> None:
     fuzz_messages(fuzzed, EXAMPLES)
     assert fuzzed.ok.get("POST /v1/messages", 0) >= EXAMPLES // 20, fuzzed.ok
+
+
+def test_fuzz_completions_and_embeddings(fuzzed: Fuzzed) -> None:
+    fuzz_completions_and_embeddings(fuzzed, EXAMPLES)
+    for endpoint in ("POST /v1/completions", "POST /v1/embeddings"):
+        assert fuzzed.ok.get(endpoint, 0) >= EXAMPLES // 20, fuzzed.ok
 
 
 def test_fuzz_admin_keys(fuzzed: Fuzzed) -> None:
