@@ -11,9 +11,9 @@ hands the step's events to the event loop in one callback. New requests join
 between steps; a finished or cancelled sequence frees its slot at once.
 
 Embeddings (``/v1/embeddings``) run on this thread too, in a second context
-with embeddings on: each step computes the next waiting inputs (about
-``prefill_chunk`` tokens while streams run) before the decode, so running
-streams wait at most one small extra decode per step.
+with embeddings on: a step may first compute the next waiting inputs (about
+``prefill_chunk`` tokens while streams run, and only as often as
+``EMBED_SHARE`` of the streams' own time allows; whole batches otherwise).
 
 A slot keeps its KV cells after a request ends: the next request is placed in
 the free slot sharing the longest token prefix with its prompt, and only the
@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Inputs computed together in one embeddings decode (sequences of its context).
 EMBED_SEQS = 64
+# While streams generate, embeddings may take this share of the time the streams'
+# own steps take (their inter-token latency grows by about this much, at most).
+EMBED_SHARE = 0.4
 
 
 @dataclass(eq=False)
@@ -158,6 +161,8 @@ class Scheduler:
         self._embeds: deque[EmbedJob] = deque()
         self.embed_ctx: Any = None
         self.embed_pooled = True
+        # Seconds of decoding embeddings may use now while streams run (see _step).
+        self._embed_credit = 0.0
         self.embed_batch: Any = None
         self.embeddings_computed = 0
         self._wake = threading.Condition()
@@ -337,7 +342,13 @@ class Scheduler:
         self._drop_cancelled(closed)
         self._admit(events, closed)
         if self._embeds:
-            self._embed_step()
+            busy = bool(self._running or self._prefilling)
+            if not busy or self._embed_credit >= 0:
+                spent = self._embed_step(busy)
+                if busy:
+                    self._embed_credit -= spent
+        else:
+            self._embed_credit = 0.0
         if not self._running and not self._prefilling:
             self._hold(events, closed)
             self._flush()
@@ -377,7 +388,13 @@ class Scheduler:
         self._hold(events, closed)
         if not self._running and not self._prefilling:
             self._flush()  # no next decode to overlap with
-        self.step_seconds += time.perf_counter() - started
+        took = time.perf_counter() - started
+        self.step_seconds += took
+        if self._embeds:
+            # Embeddings may take EMBED_SHARE of the time streams get (at most
+            # one step's worth saved up), so that streams keep their pace.
+            share = EMBED_SHARE * took
+            self._embed_credit = min(self._embed_credit + share, share)
 
     def _hold(self, events: dict[Generation, list[Event]], closed: list[Generation]) -> None:
         for gen, items in events.items():
@@ -628,14 +645,16 @@ class Scheduler:
         self.embed_batch = L.llama_batch_init(s.context, 0, 1)
         self.embed_pooled = L.llama_pooling_type(self.embed_ctx) != L.LLAMA_POOLING_TYPE_NONE
 
-    def _embed_step(self) -> None:
-        """Compute the next inputs of waiting embeddings, one decode: while streams
-        run, about ``prefill_chunk`` tokens (at least one whole input), so that
-        their next token is not held up for long."""
+    def _embed_step(self, busy: bool) -> float:
+        """Compute the next inputs of waiting embeddings in one decode; its seconds.
+
+        While streams run (``busy``), about ``prefill_chunk`` tokens (at least
+        one whole input), and only as often as ``EMBED_SHARE`` of their time
+        allows, so that their tokens keep coming at nearly their pace."""
         while self._embeds and self._embeds[0].cancelled:
             self._embeds.popleft()
         if not self._embeds:
-            return
+            return 0.0
         try:
             if self.embed_ctx is None:
                 self._open_embed_context()
@@ -643,8 +662,8 @@ class Scheduler:
             log.exception("could not open the embeddings context")
             while self._embeds:
                 self._embed_fail(self._embeds.popleft(), exc)
-            return
-        budget = self.settings.prefill_chunk if self._running else self.settings.context
+            return 0.0
+        budget = self.settings.prefill_chunk if busy else self.settings.context
         batch = self.embed_batch
         batch.n_tokens = 0
         taken: list[tuple[EmbedJob, int, int, int]] = []  # job, input, seq, first row
@@ -671,7 +690,7 @@ class Scheduler:
             if job.next == len(job.inputs):
                 self._embeds.popleft()
         if not taken:
-            return
+            return 0.0
         started = time.perf_counter()
         try:
             rc = L.llama_decode(self.embed_ctx, batch)
@@ -701,10 +720,12 @@ class Scheduler:
                 self._embeds.popleft()
         finally:
             L.llama_memory_clear(L.llama_get_memory(self.embed_ctx), True)
-            self.decode_seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.decode_seconds += elapsed
         for job in {t[0] for t in taken}:
             if not job.cancelled and all(r is not None for r in job.results):
                 self._embed_done(job)
+        return elapsed
 
     def _embed_done(self, job: EmbedJob) -> None:
         results = [r for r in job.results if r is not None]
