@@ -195,3 +195,29 @@ def test_through_an_upstream_gateway(scripted_server: Server, tmp_path: Path) ->
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model="relay", prompt="x", suffix="y")
         assert "suffix" in str(info.value)
+
+
+def test_a_client_that_leaves_a_multi_prompt_stream_is_billed_what_was_made(
+    scripted_server: Server,
+) -> None:
+    with (
+        scripted_server.http() as http,
+        http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "scripted-slow",
+                "prompt": ["a", "b c"],
+                "max_tokens": 400,
+                "stream": True,
+            },
+        ) as r,
+    ):
+        request_id = r.headers["x-request-id"]
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break
+    row = ledger_row(scripted_server, request_id)
+    assert row["status"] == "client_disconnected"
+    assert row["prompt_tokens"] == 1 + 2
+    assert 0 < row["completion_tokens"] < 2 * 400
