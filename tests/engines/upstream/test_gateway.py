@@ -273,6 +273,11 @@ def test_llama_cpp_server_as_upstream_is_estimated_with_a_tokenizer(tmp_path: Pa
             "2048",
             "--model_alias",
             "smol",
+            # By default llama_cpp.server cuts a running stream short when another
+            # request arrives, the gateway's health probe of /v1/models included: on a
+            # busy machine the stream lasts long enough to meet one.
+            "--interrupt_requests",
+            "False",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
