@@ -172,7 +172,7 @@ def check_build(system_info: str, executable: frozenset[str] | None = None) -> N
                 else ""
             )
             + ". It was built for another machine or with other flags. "
-            "Rebuild it for this machine: `./dev serve` (or `python tools/build_llama.py "
+            "Rebuild it for this machine: `./dev serve` (or `python3 tools/build_llama.py "
             "--python .venv/bin/python --force`) builds the project's portable configuration."
         )
 

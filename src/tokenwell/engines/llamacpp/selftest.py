@@ -68,7 +68,7 @@ def _explain(returncode: int, stderr: str) -> str:
             "the installed build uses a CPU instruction this machine does not execute "
             f"(this CPU runs: {cpu.describe()}). It was built on another machine or with "
             "native flags. Fix: rebuild it for this machine with `./dev serve` (or "
-            "`python tools/build_llama.py --python .venv/bin/python --force`); the "
+            "`python3 tools/build_llama.py --python .venv/bin/python --force`); the "
             "project's build never enables AMX."
         )
     if returncode < 0:
