@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from fnmatch import fnmatchcase
 from functools import partial
+from typing import Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp
@@ -23,7 +24,7 @@ from tokenwell.billing.accounting import Accounting, Ticket
 from tokenwell.billing.claims import Claim
 from tokenwell.billing.keys import KeyRecord
 from tokenwell.config import HTTPConfig
-from tokenwell.engines.base import Engine, Generation
+from tokenwell.engines.base import Engine, Generation, Prepared
 from tokenwell.errors import APIError, InvalidRequest, ModelNotFound
 from tokenwell.moderation import ContentPolicy
 from tokenwell.protocol.codec import ChatCodec
@@ -155,16 +156,9 @@ class ChatService:
         claim: Claim | None = None,
     ) -> GenerationResponse:
         prepared = engine.prepare(chat)
-        ticket = await self.accounting.admit(key, prepared, request_id, idempotency_key, claim)
-        try:
-            generation = engine.submit(prepared, ticket.meter)
-        except APIError as exc:
-            await ticket.settle(Meter(), "rejected", error=exc.message)
-            await ticket.durable()
-            self.metrics.request_done(chat.model, "rejected")
-            exc.headers.setdefault("x-request-id", ticket.request_id)
-            raise
-        self.metrics.request_started(chat.model)
+        ticket, generation = await self.start(
+            key, prepared, partial(engine.submit, prepared), request_id, idempotency_key, claim
+        )
 
         ident = Identity(model=chat.model, system_fingerprint=engine.system_fingerprint)
         return GenerationResponse(
@@ -179,6 +173,30 @@ class ChatService:
             slow_client=self.http.slow_client,
             stream_buffer=self.http.stream_buffer,
         )
+
+    async def start(
+        self,
+        key: KeyRecord,
+        prepared: Prepared,
+        submit: Callable[[Meter], Generation],
+        *admit: Any,
+    ) -> tuple[Ticket, Generation]:
+        """Admit (limits, budget, the write-ahead ledger row), then hand the work to
+        the engine with the ticket's meter: every wire API starts a generation here.
+        A refusal by the engine (a full queue) closes the row as ``rejected``, with
+        the request id on the error, before the error is raised."""
+        model = prepared.request.model
+        ticket = await self.accounting.admit(key, prepared, *admit)
+        try:
+            generation = submit(ticket.meter)
+        except APIError as exc:
+            await ticket.settle(Meter(), "rejected", error=exc.message)
+            await ticket.durable()
+            self.metrics.request_done(model, "rejected")
+            exc.headers.setdefault("x-request-id", ticket.request_id)
+            raise
+        self.metrics.request_started(model)
+        return ticket, generation
 
     async def _settle(self, ticket: Ticket, gen: Generation, outcome: Outcome) -> None:
         meter = gen.meter

@@ -111,27 +111,21 @@ class CompletionsService:
             sum(p.prompt_tokens for p in preps),
             max(p.max_completion_tokens for p in preps),
         )
-        ticket = await service.accounting.admit(key, combined)
-        try:
+
+        def submit(meter: Meter) -> Generation:
             if len(preps) == 1:
-                generation = engine.submit(preps[0], ticket.meter)
-            else:
-                subs: list[Generation] = []
-                try:
-                    for p in preps:
-                        subs.append(engine.submit(p, Meter()))
-                except APIError:
-                    for sub in subs:
-                        sub.cancel()
-                    raise
-                generation = Fanout(subs, parsed.n, ticket.meter).generation
-        except APIError as exc:
-            await ticket.settle(Meter(), "rejected", error=exc.message)
-            await ticket.durable()
-            service.metrics.request_done(engine.model_id, "rejected")
-            exc.headers.setdefault("x-request-id", ticket.request_id)
-            raise
-        service.metrics.request_started(engine.model_id)
+                return engine.submit(preps[0], meter)
+            subs: list[Generation] = []
+            try:
+                for p in preps:
+                    subs.append(engine.submit(p, Meter()))
+            except APIError:
+                for sub in subs:
+                    sub.cancel()
+                raise
+            return Fanout(subs, parsed.n, meter).generation
+
+        ticket, generation = await service.start(key, combined, submit)
         echo = [str(p) for p in parsed.prompts for _ in range(parsed.n)] if parsed.echo else None
         codec = CompletionsCodec(
             engine.model_id,

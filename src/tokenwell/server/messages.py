@@ -18,10 +18,9 @@ from starlette.types import ASGIApp
 
 from tokenwell.billing.keys import KeyRecord
 from tokenwell.engines.base import Engine, Prepared
-from tokenwell.errors import APIError, InvalidRequest
+from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.anthropic import parse_messages_request, rename_fields
 from tokenwell.protocol.anthropic_codec import AnthropicCodec
-from tokenwell.protocol.events import Meter
 from tokenwell.protocol.requests import ChatRequest
 from tokenwell.server.body import read_body
 from tokenwell.server.chat import ChatService
@@ -76,16 +75,7 @@ class MessagesService:
         if service.policy is not None:
             service.policy.check_input(chat)
         prepared = clamped(engine, chat)
-        ticket = await service.accounting.admit(key, prepared)
-        try:
-            generation = engine.submit(prepared, ticket.meter)
-        except APIError as exc:
-            await ticket.settle(Meter(), "rejected", error=exc.message)
-            await ticket.durable()
-            service.metrics.request_done(chat.model, "rejected")
-            exc.headers.setdefault("x-request-id", ticket.request_id)
-            raise
-        service.metrics.request_started(chat.model)
+        ticket, generation = await service.start(key, prepared, partial(engine.submit, prepared))
         return GenerationResponse(
             generation,
             AnthropicCodec(asked, prepared.prompt_tokens),

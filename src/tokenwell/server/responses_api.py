@@ -35,8 +35,7 @@ from tokenwell.billing.accounting import Ticket
 from tokenwell.billing.keys import KeyRecord
 from tokenwell.billing.responses import ResponseStore
 from tokenwell.engines.base import Engine, Generation
-from tokenwell.errors import APIError, InvalidRequest, NotFound
-from tokenwell.protocol.events import Meter
+from tokenwell.errors import InvalidRequest, NotFound
 from tokenwell.protocol.responses import (
     TERMINAL,
     ResponsesCodec,
@@ -173,16 +172,7 @@ class ResponsesService:
     ) -> tuple[GenerationResponse, Ticket]:
         chat = self.chat
         prepared = engine.prepare(rr.chat)
-        ticket = await chat.accounting.admit(key, prepared)
-        try:
-            generation = engine.submit(prepared, ticket.meter)
-        except APIError as exc:
-            await ticket.settle(Meter(), "rejected", error=exc.message)
-            await ticket.durable()
-            chat.metrics.request_done(rr.chat.model, "rejected")
-            exc.headers.setdefault("x-request-id", ticket.request_id)
-            raise
-        chat.metrics.request_started(rr.chat.model)
+        ticket, generation = await chat.start(key, prepared, partial(engine.submit, prepared))
         response = GenerationResponse(
             generation,
             codec,
