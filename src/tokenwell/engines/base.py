@@ -257,12 +257,15 @@ class Engine(ABC):
     ) -> Prepared:
         """Count (and check) the inputs' tokens before admission: ``prompt_tokens``
         is what the request is billed, ``max_completion_tokens`` is 0."""
-        raise InvalidRequest(
+        raise self._no_embeddings()
+
+    async def embed(self, prepared: Prepared, meter: Meter) -> list[list[float]]:
+        """One L2-normalised vector per input, in order; counts into ``meter``."""
+        raise self._no_embeddings()
+
+    def _no_embeddings(self) -> InvalidRequest:
+        return InvalidRequest(
             f"The model `{self.model_id}` does not serve embeddings.",
             param="model",
             code="model_not_supported",
         )
-
-    async def embed(self, prepared: Prepared, meter: Meter) -> list[list[float]]:
-        """One L2-normalised vector per input, in order; counts into ``meter``."""
-        raise NotImplementedError
