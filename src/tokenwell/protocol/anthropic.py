@@ -25,7 +25,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenwell.errors import InvalidRequest
-from tokenwell.protocol.requests import ChatRequest, decode_json, validate_chat_request
+from tokenwell.protocol.requests import ChatRequest, decode_object, validate_chat_request
 from tokenwell.protocol.schemas import check_schema_shape
 from tokenwell.protocol.validation import first_error, json_type_name, one_of
 
@@ -304,12 +304,7 @@ def rename_fields(error: InvalidRequest) -> InvalidRequest:
 
 def parse_messages_request(body: bytes, *, counting: bool = False) -> MessagesRequest:
     """``counting``: a ``count_tokens`` body, which has no ``max_tokens``."""
-    data = decode_json(body)
-    if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"Invalid request body: expected a JSON object, got {json_type_name(data)}.",
-            code="invalid_type",
-        )
+    data = decode_object(body)
     if counting:
         data = {**data, "max_tokens": data.get("max_tokens", 1), "stream": False}
     return validate_messages_request(data)

@@ -28,7 +28,7 @@ from tokenwell.protocol.requests import (
     StreamOptions,
     _logit_bias,
     _stop,
-    decode_json,
+    decode_object,
 )
 from tokenwell.protocol.validation import first_error, json_type_name
 
@@ -137,12 +137,7 @@ def _prompts(raw: Any) -> list[Prompt]:
 
 
 def parse_completions_request(body: bytes) -> CompletionsRequest:
-    data = decode_json(body)
-    if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"Invalid request body: expected a JSON object, got {json_type_name(data)}.",
-            code="invalid_type",
-        )
+    data = decode_object(body)
     if "prompt" not in data:
         raise InvalidRequest(
             "Missing required parameter: 'prompt'.",

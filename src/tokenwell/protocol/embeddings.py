@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenwell.errors import InvalidRequest
-from tokenwell.protocol.requests import MAX_TOKEN_ID, ChatRequest, decode_json
+from tokenwell.protocol.requests import MAX_TOKEN_ID, ChatRequest, decode_object
 from tokenwell.protocol.validation import first_error, json_type_name
 
 API = "embeddings"
@@ -91,12 +91,7 @@ def _inputs(raw: Any) -> list[Input]:
 
 
 def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
-    data = decode_json(body)
-    if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"Invalid request body: expected a JSON object, got {json_type_name(data)}.",
-            code="invalid_type",
-        )
+    data = decode_object(body)
     if "input" not in data:
         raise InvalidRequest(
             "Missing required parameter: 'input'.",

@@ -183,13 +183,19 @@ def decode_json(body: bytes) -> Any:
         ) from exc
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+def decode_object(body: bytes) -> dict[str, Any]:
+    """A request body: a JSON object, else a 400 in the API's error shape."""
     data = decode_json(body)
     if not isinstance(data, dict):
         raise InvalidRequest(
             f"Invalid request body: expected a JSON object, got {json_type_name(data)}.",
             code="invalid_type",
         )
+    return data
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    data = decode_object(body)
     return validate_chat_request(data)
 
 

@@ -37,7 +37,7 @@ from tokenwell.protocol.events import (
     ToolCallArguments,
     ToolCallStart,
 )
-from tokenwell.protocol.requests import ChatRequest, decode_json, validate_chat_request
+from tokenwell.protocol.requests import ChatRequest, decode_object, validate_chat_request
 from tokenwell.protocol.validation import first_error, json_type_name
 
 # Tools OpenAI runs itself: tokenwell cannot, so they are not offered to the model.
@@ -159,12 +159,7 @@ class ResponsesRequest:
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
-    data = decode_json(body)
-    if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"Invalid request body: expected a JSON object, got {json_type_name(data)}.",
-            code="invalid_type",
-        )
+    data = decode_object(body)
     return data
 
 
