@@ -22,6 +22,7 @@ Standard library only: it runs before anything is installed.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -172,10 +173,21 @@ def main() -> int:
     if not opts.force and installed_build(opts.python) == config:
         return 0
     target = wheel_dir(config)
-    kept = sorted(target.glob("llama_cpp_python-*.whl"))
-    wheel = kept[0] if kept and not opts.force else build_wheel(opts.python, config, target)
-    log(f"installing {wheel.name} (build {config['build_id']})")
-    install(opts.python, config, wheel)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One build at a time per machine: a second `./dev` started meanwhile waits for
+    # the first one's wheel instead of compiling it again beside it (and racing it).
+    with open(target.parent / ".build.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("another setup is building llama.cpp; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not opts.force and installed_build(opts.python) == config:
+            return 0
+        kept = sorted(target.glob("llama_cpp_python-*.whl"))
+        wheel = kept[0] if kept and not opts.force else build_wheel(opts.python, config, target)
+        log(f"installing {wheel.name} (build {config['build_id']})")
+        install(opts.python, config, wheel)
     return 0
 
 
