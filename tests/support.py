@@ -203,13 +203,21 @@ ROOT = Path(__file__).resolve().parents[1]
 class FakeUpstream:
     """``tests/fakes/upstream.py`` in a subprocess."""
 
-    def __init__(self, log_dir: Path, sick: bool = False, port: int | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        sick: bool = False,
+        port: int | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = f"{self.base}/v1"
         args = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(self.port)]
         if sick:
             args.append("--sick")
+        if api_key:
+            args += ["--api-key", api_key]
         self.log = (log_dir / f"fake-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(args, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

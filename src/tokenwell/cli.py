@@ -9,15 +9,17 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tokenwell import interpreter
+import tokenwell.cli_spend as cli_spend
+from tokenwell import interpreter, logs
 from tokenwell.config import Settings, load_settings
-from tokenwell.errors import APIError, ConfigError
+from tokenwell.errors import APIError, ConfigError, StartupFailed
 
 T = TypeVar("T")
 console = Console(stderr=True, soft_wrap=True)
@@ -67,29 +69,35 @@ def serve(
     import uvicorn
     import uvloop
 
+    from tokenwell.server import startup
     from tokenwell.server.app import create_app
     from tokenwell.server.protocol import protocol_class
 
     settings = _settings(config_path, host=host, port=port, data_dir=data_dir)
     interpreter.tune(settings)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logs.configure(settings.log_level, settings.log_format)
+    logging.getLogger("uvicorn.error").addFilter(startup.DropStartupNoise())
     # A native crash (SIGSEGV, SIGILL, ...) prints where it happened, never nothing.
     faulthandler.enable()
     fatal: list[str] = []
+    failed: list[str] = []
 
     def on_fatal(message: str) -> None:
         fatal.append(message)
         server.should_exit = True
 
+    try:
+        startup.check_files(settings)
+        sock = startup.listen(settings.host, settings.port)
+    except StartupFailed as exc:
+        _cannot_start(str(exc))
     app = create_app(settings, on_fatal=on_fatal)
     config = uvicorn.Config(
-        app,
+        startup.refusing_lifespan(app, failed.append),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # tokenwell.logs: one format for every line
         access_log=False,
         timeout_graceful_shutdown=settings.drain_seconds,
         loop="uvloop",
@@ -99,8 +107,17 @@ def serve(
     )
     server = uvicorn.Server(config)
 
+    async def serve_until_done() -> None:
+        try:
+            await server.serve(sockets=[sock])
+        except SystemExit:
+            # uvicorn exits from inside its task when the app's start-up failed:
+            # the sentence is in `failed`, printed below.
+            if not failed:
+                raise
+
     async def run() -> None:
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(serve_until_done())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if server.started:
@@ -108,16 +125,21 @@ def serve(
             _welcome(app, settings, config_path, data_dir)
         await task
 
-    try:
-        # uvloop: Server.serve() under a plain asyncio.run would not get it.
-        uvloop.run(run())
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    # uvloop: Server.serve() under a plain asyncio.run would not get it.
+    uvloop.run(run())
+    sock.close()
+    if failed:
+        _cannot_start(failed[0])
     if fatal:
         console.print(f"[bold red]tokenwell cannot serve[/]: {fatal[0]}", highlight=False)
         sys.exit(3)
     if not server.started:
         sys.exit(1)
+
+
+def _cannot_start(sentence: str) -> NoReturn:
+    console.print(f"[bold red]tokenwell cannot start[/]: {sentence}", highlight=False)
+    sys.exit(1)
 
 
 def _welcome(app: Any, settings: Settings, config_path: Path | None, data_dir: Path | None) -> None:
@@ -198,23 +220,29 @@ def _key_fields(**given: Any) -> tuple[Any, set[str]]:
         raise click.ClickException(exc.message) from exc
 
 
+def _compact() -> Table:
+    """A table that fits a terminal: no vertical rules, no outer padding."""
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False)
+
+
 def _key_table(records: list[Any]) -> Table:
-    table = Table(
-        "id", "name", "prefix", "status", "budget", "spend", "rpm", "tpm", "models", "expires"
-    )
+    """Keys, readable in 80 columns; ``keys show`` has every field of one."""
+    table = _compact()
+    # The id is what `keys update/show/revoke` take: never cut, whatever the width.
+    table.add_column("id", no_wrap=True, min_width=max((len(r.id) for r in records), default=2))
+    table.add_column("name", overflow="fold", min_width=6)
+    for name in ("status", "spend", "budget", "rpm/tpm", "expires"):
+        table.add_column(name, overflow="fold")
     for r in records:
         p = r.public()
         table.add_row(
             p["id"],
             p["name"],
-            p["prefix"] + "…",
             p["status"],
-            p["budget_usd"] or "-",
             p["spend_usd"],
-            str(p["rpm"] or "-"),
-            str(p["tpm"] or "-"),
-            ",".join(p["models"]) if p["models"] else "all",
-            p["expires_at"] or "-",
+            p["budget_usd"] or "-",
+            f"{p['rpm'] or '-'}/{p['tpm'] or '-'}",
+            (p["expires_at"] or "-")[:10],
         )
     return table
 
@@ -231,7 +259,7 @@ key_limit_options = [
 
 
 def _with_limits(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(key_limit_options):
+    for option in reversed(key_limit_options + cli_spend.options):
         fn = option(fn)
     return fn
 
@@ -251,6 +279,7 @@ def keys_create(
     config_path: Path | None, data_dir: Path | None, as_json: bool, **given: Any
 ) -> None:
     """Create a key; its secret is printed once and never stored."""
+    given["budgets"] = cli_spend.as_list(cli_spend.take(given))
     fields, names = _key_fields(**given)
     secret, record = _run_db(config_path, data_dir, lambda store: store.create(fields, names))
     if as_json:
@@ -285,12 +314,50 @@ def keys_update(
     config_path: Path | None, data_dir: Path | None, key_id: str, as_json: bool, **given: Any
 ) -> None:
     """Change a key's name, budget, limits, models or expiry."""
+    chosen = cli_spend.take(given)
     fields, names = _key_fields(**given)
-    record = _run_db(config_path, data_dir, lambda store: store.update(key_id, fields, names))
+    record = _run_db(
+        config_path,
+        data_dir,
+        lambda store: cli_spend.update(store, key_id, fields, names, chosen),
+    )
     if as_json:
         out.print_json(json.dumps(record.public()))
     else:
         out.print(_key_table([record]))
+
+
+@keys.command("show")
+@config_option
+@data_dir_option
+@click.argument("key_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def keys_show(config_path: Path | None, data_dir: Path | None, key_id: str, as_json: bool) -> None:
+    """Show one key: its limits, spend, budget left and usage."""
+    from tokenwell.billing.usage import key_usage
+
+    async def work(store: Any) -> dict[str, Any]:
+        record = await store.get(key_id)
+        used = await key_usage(store.db, record)
+        return {**record.public(), "usage": used}
+
+    shown = _run_db(config_path, data_dir, work)
+    if as_json:
+        out.print_json(json.dumps(shown))
+        return
+    table = Table("field", "value", show_header=False, box=box.SIMPLE)
+    used = shown.pop("usage")
+    for field in ("requests", "in_flight", "prompt_tokens", "cached_tokens", "completion_tokens"):
+        shown[field] = used[field]
+    for field, value in shown.items():
+        if field == "object":
+            continue
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ",".join(value)
+        elif isinstance(value, list | dict):
+            value = json.dumps(value)
+        table.add_row(field, "-" if value is None else str(value))
+    out.print(table)
 
 
 @keys.command("revoke")
@@ -339,10 +406,14 @@ def usage(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table(*groups, "requests", "prompt", "cached", "completion", "spend (USD)")
+    named = ["key", "name", *[g for g in groups if g != "key"]] if "key" in groups else groups
+    table = _compact()
+    for column in (*named, "requests", "prompt", "cached", "completion", "spend (USD)"):
+        table.add_column(column, no_wrap=column == "key", overflow="fold")
     for row in rows:
+        row["name"] = row.get("key_name") or "-"
         table.add_row(
-            *[str(row[g]) for g in groups],
+            *[str(row[g]) for g in named],
             str(row["requests"]),
             str(row["prompt_tokens"]),
             str(row["cached_tokens"]),
@@ -350,6 +421,111 @@ def usage(
             row["spend_usd"],
         )
     out.print(table)
+
+
+# ---------------------------------------------------------------------- requests
+
+
+@main.group()
+def requests() -> None:
+    """The request log (the ledger): list and show requests (reads the database)."""
+
+
+@requests.command("list")
+@config_option
+@data_dir_option
+@click.option("--key", "key_id", default=None, help="Only this key's requests (its id).")
+@click.option("--model", default=None, help="Only this model's.")
+@click.option("--status", default=None, help="Only this status (completed, rejected, ...).")
+@click.option("--since", default=None, help="Created at or after (ISO date or datetime, UTC).")
+@click.option("--until", default=None, help="Created before (ISO date or datetime, UTC).")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def requests_list(
+    config_path: Path | None,
+    data_dir: Path | None,
+    key_id: str | None,
+    model: str | None,
+    status: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """The newest requests: time, id, key, model, status, tokens, cost, timings."""
+    from tokenwell.billing.keys import parse_when
+    from tokenwell.billing.usage import request_rows
+
+    try:
+        first, last = parse_when(since), parse_when(until)
+    except ValueError as exc:
+        raise click.ClickException(f"--since/--until: {exc}") from exc
+
+    async def work(store: Any) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = await request_rows(
+            store.db,
+            key_id=key_id,
+            model=model,
+            status=status,
+            since=first,
+            until=last,
+            limit=limit,
+        )
+        names = {r.id: r.name for r in await store.list()}
+        for row in rows:
+            row["key_name"] = "master" if row["key_id"] == "master" else names.get(row["key_id"])
+        return rows
+
+    rows = _run_db(config_path, data_dir, work)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    wide = out.width >= 120  # time and duration too, where they fit
+    table = _compact()
+    if wide:
+        table.add_column("UTC", no_wrap=True)
+    table.add_column("id", no_wrap=True, min_width=max((len(r["id"]) for r in rows), default=2))
+    for name in ("key", "model", "status", "tokens", "USD", *(["ms"] if wide else [])):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        cells = [
+            row["id"],
+            row["key_name"] or row["key_id"],
+            row["model"],
+            row["status"],
+            f"{row['prompt_tokens']}+{row['completion_tokens']}",
+            row["cost_usd"],
+        ]
+        if wide:
+            cells = [_utc(row["created_at"]), *cells, _ms(row["total_ms"])]
+        table.add_row(*cells)
+    out.print(table)
+
+
+@requests.command("show")
+@config_option
+@data_dir_option
+@click.argument("request_id")
+def requests_show(config_path: Path | None, data_dir: Path | None, request_id: str) -> None:
+    """One request's row in full, as JSON."""
+    from tokenwell.billing.usage import request_rows
+
+    rows = _run_db(
+        config_path, data_dir, lambda store: request_rows(store.db, request_id=request_id, limit=1)
+    )
+    if not rows:
+        raise click.ClickException(f"no request with id {request_id!r}")
+    out.print_json(json.dumps(rows[0]))
+
+
+def _utc(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%m-%d %H:%M:%S")
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,6 +33,8 @@ from tokenwell.errors import ConfigError
 from tokenwell.moderation import ContentPolicyConfig
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Values copied from an example instead of a secret.
+_PLACEHOLDERS = {"...", "…", "<secret>", "changeme", "change-me", "secret", "xxx"}
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -163,6 +165,10 @@ class Settings(BaseModel):
     gc_threshold: int = Field(default=10_000, ge=0)
     gc_freeze: bool = True
     log_level: str = "info"
+    # "text" (one line per record) or "json" (one object per line, for a log pipeline).
+    log_format: Literal["text", "json"] = "text"
+    # When set, GET /metrics needs "Authorization: Bearer <metrics_token>".
+    metrics_token: str | None = None
     # The operator's content policy (off when absent); see tokenwell.moderation.
     content_filter: ContentPolicyConfig | None = None
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -172,6 +178,20 @@ class Settings(BaseModel):
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(name=DEFAULT_MODEL, engine="llamacpp")]
     )
+
+    @field_validator("master_key", "key_secret", "metrics_token")
+    @classmethod
+    def _not_a_placeholder(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if value.strip() in _PLACEHOLDERS or "…" in value:
+            raise ValueError(
+                f"{value!r} is the README's placeholder, not a secret: set one of your "
+                "own (at least 8 characters), or leave the line out and one is generated"
+            )
+        if len(value) < 8:
+            raise ValueError("too short to be a secret: use at least 8 characters")
+        return value
 
     @field_validator("models")
     @classmethod
@@ -215,6 +235,8 @@ _ENV = {
     "TOKENWELL_KEY_SECRET": ("key_secret",),
     "TOKENWELL_DATA_DIR": ("data_dir",),
     "TOKENWELL_LOG_LEVEL": ("log_level",),
+    "TOKENWELL_LOG_FORMAT": ("log_format",),
+    "TOKENWELL_METRICS_TOKEN": ("metrics_token",),
     "TOKENWELL_DATABASE_URL": ("database", "url"),
     "TOKENWELL_REDIS_URL": ("redis", "url"),
 }
@@ -252,5 +274,5 @@ def load_settings(
         lines = []
         for err in exc.errors(include_url=False):
             where = ".".join(str(p) for p in err["loc"]) or "config"
-            lines.append(f"  {where}: {err['msg']}")
+            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from exc

@@ -5,6 +5,7 @@ into the OpenAI error body ``{"error": {"message", "type", "param", "code"}}``.
 
     TokenwellError
     ├── ConfigError                 bad configuration, raised at start-up
+    │   └── StartupFailed           a port taken, a database not there... (one sentence)
     ├── EngineUnusable              an engine cannot run on this machine (start-up self-test)
     └── APIError                    anything a client can be told about
         ├── InvalidRequest          400 invalid_request_error
@@ -34,6 +35,10 @@ class TokenwellError(Exception):
 
 class ConfigError(TokenwellError):
     """The configuration cannot be used; raised before serving starts."""
+
+
+class StartupFailed(ConfigError):
+    """``tokenwell serve`` cannot start: the message is one sentence with the cause and fix."""
 
 
 class EngineUnusable(TokenwellError):

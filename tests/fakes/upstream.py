@@ -15,7 +15,8 @@ picks the behaviour:
     slow        a chunk every 50 ms, 400 of them (for disconnects)
 
 GET /stats tells how many streams were started, finished and cut off by
-the client; GET /v1/models answers 200 unless started with --sick.
+the client; GET /v1/models answers 200 unless started with --sick (503) or
+with --api-key K and asked without it (401).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from starlette.routing import Route
 
 STATS = {"started": 0, "finished": 0, "cancelled": 0, "requests": 0}
 SICK = False
+API_KEY: str | None = None  # --api-key: /v1/models answers 401 without it
 
 
 def _chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -139,6 +141,8 @@ async def chat(request: Request) -> Response:
 async def models(request: Request) -> Response:
     if SICK:
         return JSONResponse({"error": "sick"}, 503)
+    if API_KEY and request.headers.get("authorization") != f"Bearer {API_KEY}":
+        return JSONResponse({"error": {"message": "invalid api key"}}, 401)
     return JSONResponse({"object": "list", "data": [{"id": "ok", "object": "model"}]})
 
 
@@ -159,6 +163,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sick", action="store_true")
+    parser.add_argument("--api-key", default=None)
     args = parser.parse_args()
     SICK = args.sick
+    API_KEY = args.api_key
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

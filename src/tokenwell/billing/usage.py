@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from tokenwell.billing.db import Database, requests
-from tokenwell.billing.keys import KeyRecord
+from tokenwell.billing.db import Database, api_keys, requests
+from tokenwell.billing.keys import MASTER, KeyRecord
 from tokenwell.billing.money import nanos_to_usd
 from tokenwell.errors import InvalidRequest
 
@@ -28,7 +28,7 @@ def _sums() -> list[Any]:
     ]
 
 
-async def key_usage(db: Database, key: KeyRecord) -> dict[str, Any]:
+async def key_usage(db: Database, key: KeyRecord, now: float | None = None) -> dict[str, Any]:
     query = select(*_sums()).where(requests.c.key_id == key.id, _billed)
     async with db.engine.connect() as conn:
         row = (await conn.execute(query)).one()
@@ -57,6 +57,7 @@ async def key_usage(db: Database, key: KeyRecord) -> dict[str, Any]:
         "reserved_usd": nanos_to_usd(key.reserved_nanos),
         "budget_usd": None if key.budget_nanos is None else nanos_to_usd(key.budget_nanos),
         "remaining_usd": remaining,
+        "budgets": key.budgets(now),
     }
 
 
@@ -109,9 +110,12 @@ async def usage_report(
         )
     async with db.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
+        names = await key_names(conn, {r.key for r in rows}) if "key" in group_by else {}
     report = []
     for row in rows:
         item = {g: getattr(row, g) for g in group_by}
+        if "key" in group_by:
+            item["key_name"] = names.get(row.key)
         item.update(
             requests=int(row.requests),
             prompt_tokens=int(row.prompt_tokens),
@@ -121,6 +125,16 @@ async def usage_report(
         )
         report.append(item)
     return report
+
+
+async def key_names(conn: Any, ids: set[str]) -> dict[str, str]:
+    """Key id → name, for reports (the master key is "master")."""
+    names = {MASTER.id: MASTER.name} if MASTER.id in ids else {}
+    wanted = sorted(ids - names.keys())
+    if wanted:
+        query = select(api_keys.c.id, api_keys.c.name).where(api_keys.c.id.in_(wanted))
+        names.update({r.id: r.name for r in (await conn.execute(query)).all()})
+    return names
 
 
 def _row(row: Any) -> dict[str, Any]:
@@ -137,7 +151,11 @@ async def request_rows(
     key_id: str | None = None,
     status: str | None = None,
     limit: int = 100,
+    model: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
 ) -> list[dict[str, Any]]:
+    """Ledger rows, newest first; ``since``/``until`` bound ``created_at`` (UNIX seconds)."""
     query = select(requests).order_by(requests.c.created_at.desc()).limit(limit)
     if request_id:
         query = query.where(requests.c.id == request_id)
@@ -145,5 +163,11 @@ async def request_rows(
         query = query.where(requests.c.key_id == key_id)
     if status:
         query = query.where(requests.c.status == status)
+    if model:
+        query = query.where(requests.c.model == model)
+    if since is not None:
+        query = query.where(requests.c.created_at >= since)
+    if until is not None:
+        query = query.where(requests.c.created_at < until)
     async with db.engine.connect() as conn:
         return [_row(r) for r in (await conn.execute(query)).all()]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from tokenwell.config import ModelConfig
+from tokenwell.engines.timings import HistogramSnapshot
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.events import Event, Failed, Finish, Meter
 from tokenwell.protocol.requests import ChatRequest
@@ -208,6 +209,12 @@ class Engine(ABC):
     # Why ``start()`` failed, once it has (set by the app); None while loading or ready.
     start_error: str | None = None
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why a started engine cannot serve now (an upstream refusing us); None while
+        it can, or while it is still loading."""
+        return None
+
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
 
@@ -244,6 +251,10 @@ class Engine(ABC):
     def stats(self) -> dict[str, Any]:
         """Numbers for /health and /metrics (queue depth, running sequences…)."""
         return {}
+
+    def timings(self) -> list[HistogramSnapshot]:
+        """Latency histograms of the engine's own stages, for /metrics."""
+        return []
 
     # -- /v1/embeddings (engines that serve them override these)
 

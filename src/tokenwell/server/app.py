@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sqlalchemy.exc import ArgumentError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -31,9 +33,15 @@ from tokenwell.billing.responses import ResponseStore
 from tokenwell.config import Settings
 from tokenwell.engines.base import Engine
 from tokenwell.engines.registry import create_engine
-from tokenwell.errors import APIError, ClientDisconnected, ConfigError, EngineUnusable
+from tokenwell.errors import (
+    APIError,
+    ClientDisconnected,
+    ConfigError,
+    EngineUnusable,
+    StartupFailed,
+)
 from tokenwell.moderation import ContentPolicy
-from tokenwell.server import bootstrap
+from tokenwell.server import bootstrap, startup
 from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.completions import CompletionsService
 from tokenwell.server.embeddings import EmbeddingsService
@@ -147,10 +155,23 @@ async def _running(
     engines: list[Engine] | None,
     on_fatal: Callable[[str], None] | None = None,
 ) -> AsyncIterator[Services]:
-    instance = bootstrap.claim_instance(settings)
-    master, master_file = bootstrap.master_key(settings)
-    hasher = KeyHasher(bootstrap.key_secret(settings))
-    db = Database(settings.database_url)
+    try:
+        instance = bootstrap.claim_instance(settings)
+        master, master_file = bootstrap.master_key(settings)
+        hasher = KeyHasher(bootstrap.key_secret(settings))
+    except OSError as exc:
+        raise StartupFailed(
+            f"cannot use the data directory {settings.data_path}: {exc.strerror or exc} "
+            "(choose another with --data-dir or TOKENWELL_DATA_DIR)"
+        ) from exc
+    try:
+        db = Database(settings.database_url)
+    except ArgumentError as exc:
+        instance.release()
+        raise StartupFailed(
+            f"database.url {startup.shown_url(settings.database_url)!r} is not a database "
+            "URL: use sqlite:///PATH or postgresql://USER@HOST/DATABASE"
+        ) from exc
     limiter: RateLimiter = (
         RedisRateLimiter(settings.redis.url) if settings.redis.url else LocalRateLimiter()
     )
@@ -162,7 +183,15 @@ async def _running(
     services: Services | None = None
     changes = key_changes(settings.redis.url, db.sqlite_path)
     try:
-        await db.migrate()
+        try:
+            async with db.engine.connect():
+                pass
+        except Exception as exc:
+            raise startup.unreachable(settings.database_url, exc) from exc
+        try:
+            await db.migrate()
+        except Exception as exc:
+            raise startup.migration_refused(settings.database_url, exc) from exc
         await ledger.start()
         keys = KeyStore(db, hasher, changes=changes)
         keys.listen()  # keys changed elsewhere leave the cache at once
@@ -192,6 +221,7 @@ async def _running(
         registry = ModelRegistry(engines)
         metrics = Metrics()
         metrics.watch_engines(lambda: {e.model_id: e.stats() for e in registry})
+        metrics.watch_engine_timings(lambda: {e.model_id: e.timings() for e in registry})
         metrics.watch_ledger(ledger.stats)
         services = Services(
             settings=settings,
@@ -219,6 +249,7 @@ async def _running(
         services.completions = CompletionsService(services.chat)
         services.embeddings = EmbeddingsService(services.chat)
         services.responses = ResponsesService(services.chat, ResponseStore(db))
+        await services.responses.start()
         for engine in engines:
             loading.append(asyncio.create_task(_start(engine, services)))
         yield services
@@ -250,6 +281,8 @@ async def _running(
 
 
 async def _start(engine: Engine, services: Services) -> None:
+    began = time.monotonic()
+    log.info("loading model %s (%s engine)", engine.model_id, engine.kind)
     try:
         await engine.start()
     except (EngineUnusable, ConfigError) as exc:
@@ -260,6 +293,7 @@ async def _start(engine: Engine, services: Services) -> None:
         log.exception("model %s failed to start", engine.model_id)
         engine.start_error = services.engine_errors[engine.model_id] = str(exc)
     else:
+        log.info("model %s is ready (%.1f s)", engine.model_id, time.monotonic() - began)
         return
     served = {e.model_id for e in services.models}
     if served <= services.engine_errors.keys() and services.on_fatal is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from functools import partial
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp
 
+from tokenwell import logs
 from tokenwell.billing.accounting import Accounting, Ticket
 from tokenwell.billing.claims import Claim
 from tokenwell.billing.keys import KeyRecord
@@ -31,6 +32,7 @@ from tokenwell.protocol.codec import ChatCodec
 from tokenwell.protocol.events import Meter
 from tokenwell.protocol.render import Identity
 from tokenwell.protocol.requests import ChatRequest, parse_chat_request
+from tokenwell.server import accesslog
 from tokenwell.server.body import read_body
 from tokenwell.server.generation import GenerationResponse, Outcome
 from tokenwell.server.idempotent import (
@@ -78,6 +80,15 @@ class ModelRegistry:
         return iter(self.engines.values())
 
 
+@dataclass(slots=True)
+class Running:
+    """A request admitted and not yet settled."""
+
+    ticket: Ticket
+    api: str
+    since: float  # UNIX time it was admitted
+
+
 class ChatService:
     def __init__(
         self,
@@ -104,6 +115,7 @@ class ChatService:
             idempotency.use_ledger(accounting.ledger if accounting.metering else None)
         self.model_load_wait = model_load_wait
         self.http = http or HTTPConfig()
+        self.running: dict[str, Running] = {}
 
     async def create(self, request: Request) -> ASGIApp:
         started = time.perf_counter()
@@ -187,16 +199,62 @@ class ChatService:
         the request id on the error, before the error is raised."""
         model = prepared.request.model
         ticket = await self.accounting.admit(key, prepared, *admit)
+        logs.bind_request(ticket.request_id)
         try:
             generation = submit(ticket.meter)
         except APIError as exc:
             await ticket.settle(Meter(), "rejected", error=exc.message)
             await ticket.durable()
-            self.metrics.request_done(model, "rejected")
+            self.finished(ticket, "rejected", Meter(), error=exc.message, started=False)
             exc.headers.setdefault("x-request-id", ticket.request_id)
             raise
         self.metrics.request_started(model)
+        self.track(ticket, prepared.request.api)
         return ticket, generation
+
+    def finished(
+        self,
+        ticket: Ticket,
+        status: str,
+        meter: Meter,
+        *,
+        queue_ms: float | None = None,
+        ttft_ms: float | None = None,
+        total_ms: float | None = None,
+        error: str | None = None,
+        started: bool = True,
+        itl_seconds: float | None = None,
+    ) -> None:
+        """A settled request: its log line, its metrics, and when its row committed."""
+        self.running.pop(ticket.request_id, None)
+        cost = accesslog.finished(
+            ticket,
+            status,
+            meter,
+            queue_ms=queue_ms,
+            ttft_ms=ttft_ms,
+            total_ms=total_ms,
+            error=error,
+        )
+        self.metrics.request_done(
+            ticket.model,
+            status,
+            meter,
+            ttft_ms,
+            cost,
+            started=started,
+            itl_seconds=itl_seconds,
+        )
+        committed = ticket.committed
+        if committed is not None:
+            queued_at = time.perf_counter()
+            committed.add_done_callback(
+                lambda _: self.metrics.ledger_committed(time.perf_counter() - queued_at)
+            )
+
+    def track(self, ticket: Ticket, kind: str) -> None:
+        """A request in flight, for the dashboard's live view (until ``finished``)."""
+        self.running[ticket.request_id] = Running(ticket, kind, time.time())
 
     async def _settle(self, ticket: Ticket, gen: Generation, outcome: Outcome) -> None:
         meter = gen.meter
@@ -208,12 +266,26 @@ class ChatService:
         queue_ms = (
             (gen.started_at - outcome.started_at) * 1000 if gen.started_at is not None else None
         )
+        total = (outcome.ended_at - outcome.started_at) * 1000
+        itl = None
+        per_choice = meter.completion_tokens // max(gen.n, 1)
+        if outcome.first_token_at is not None and per_choice > 1:
+            itl = (outcome.ended_at - outcome.first_token_at) / (per_choice - 1)
         await ticket.settle(
             meter,
             outcome.status,
             queue_ms=queue_ms,
             ttft_ms=ttft,
-            total_ms=(outcome.ended_at - outcome.started_at) * 1000,
+            total_ms=total,
             error=outcome.error,
         )
-        self.metrics.request_done(ticket.model, outcome.status, meter, ttft)
+        self.finished(
+            ticket,
+            outcome.status,
+            meter,
+            queue_ms=queue_ms,
+            ttft_ms=ttft,
+            total_ms=total,
+            error=outcome.error,
+            itl_seconds=itl,
+        )

@@ -16,6 +16,7 @@ from dataclasses import replace
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenwell import logs
 from tokenwell.errors import APIError
 from tokenwell.protocol.embeddings import (
     check_dimensions,
@@ -50,7 +51,9 @@ class EmbeddingsService:
             check_dimensions(parsed.dimensions, native, engine.config.embedding_truncate, model)
         prepared = engine.prepare_embeddings(replace(parsed.request, model=model), parsed.inputs)
         ticket = await service.accounting.admit(key, prepared)
+        logs.bind_request(ticket.request_id)
         service.metrics.request_started(model)
+        service.track(ticket, "embeddings")
         status, error = "completed", None
         meter = ticket.meter
         try:
@@ -73,15 +76,9 @@ class EmbeddingsService:
             raise
         finally:
             billed = meter if status in ("completed", "client_disconnected") else Meter()
-            await asyncio.shield(
-                ticket.settle(
-                    billed,
-                    status,
-                    total_ms=(time.perf_counter() - started) * 1000,
-                    error=error,
-                )
-            )
-            service.metrics.request_done(model, status, billed)
+            total = (time.perf_counter() - started) * 1000
+            await asyncio.shield(ticket.settle(billed, status, total_ms=total, error=error))
+            service.finished(ticket, status, billed, total_ms=total, error=error)
         return json_response(
             embeddings_body(model, vectors, parsed.encoding_format, meter.prompt_tokens),
             headers=ticket.headers,

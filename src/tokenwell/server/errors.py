@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenwell.errors import APIError, ClientDisconnected, InvalidRequest, NotFound, ServerError
 from tokenwell.protocol import anthropic_codec
+from tokenwell.server import accesslog
 from tokenwell.server.responses import json_response
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def error_response(error: APIError, request: Request | None = None) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
+    accesslog.refused(request, exc)
     return error_response(exc, request)
 
 

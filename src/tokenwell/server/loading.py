@@ -30,6 +30,13 @@ def _failed(engine: Engine) -> APIError | None:
             f"The model `{engine.model_id}` failed to start: {engine.start_error}",
             code="model_failed",
         )
+    why = engine.unavailable
+    if why is not None:  # started, but cannot serve (no upstream will answer): no wait
+        return Overloaded(
+            f"The model `{engine.model_id}` is unavailable: {why}",
+            code="upstream_unavailable",
+            headers={"Retry-After": "5"},
+        )
     return None
 
 

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     Histogram,
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from tokenwell.engines.timings import HistogramSnapshot
 from tokenwell.protocol.events import Meter
 
 
@@ -36,6 +40,47 @@ class _EngineStats(Collector):
                 if name in values:
                     family.add_metric([model], float(values[name]))
             yield family
+        # Upstream replicas (engines whose stats list ``upstreams``).
+        healthy = GaugeMetricFamily(
+            "tokenwell_upstream_healthy",
+            "1 while an upstream replica passes its health checks, else 0",
+            labels=["model", "url"],
+        )
+        outstanding = GaugeMetricFamily(
+            "tokenwell_upstream_outstanding",
+            "Requests an upstream replica is serving now",
+            labels=["model", "url"],
+        )
+        for model, values in stats.items():
+            for replica in values.get("upstreams") or ():
+                url = str(replica.get("url", ""))
+                healthy.add_metric([model, url], 1.0 if replica.get("healthy") else 0.0)
+                outstanding.add_metric([model, url], float(replica.get("outstanding", 0)))
+        yield healthy
+        yield outstanding
+
+
+class _EngineTimings(Collector):
+    """Engines' own latency histograms (engines.timings), one family per name."""
+
+    def __init__(self, source: Callable[[], dict[str, list[HistogramSnapshot]]]) -> None:
+        self._source = source
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        families: dict[str, HistogramMetricFamily] = {}
+        for model, histograms in self._source().items():
+            for h in histograms:
+                family = families.get(h.name)
+                if family is None:
+                    family = families[h.name] = HistogramMetricFamily(
+                        h.name, h.help, labels=["model"]
+                    )
+                cumulative, buckets = 0, []
+                for bound, count in zip((*h.buckets, math.inf), h.counts, strict=True):
+                    cumulative += count
+                    buckets.append((floatToGoString(bound), cumulative))
+                family.add_metric([model], buckets, h.total)
+        yield from families.values()
 
 
 class _LedgerStats(Collector):
@@ -108,6 +153,28 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Per request, over its stream: (last token - first token) / (tokens - 1).
+        self.itl = Histogram(
+            "tokenwell_inter_token_latency_seconds",
+            "Mean time between tokens of a request, after its first",
+            ["model"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.25, 0.5, 1),
+            registry=self.registry,
+        )
+        self.spend = Counter("tokenwell_spend_usd", "USD billed", ["model"], registry=self.registry)
+        self.running = Gauge(
+            "tokenwell_requests_in_flight",
+            "Requests admitted and not yet settled",
+            ["model"],
+            registry=self.registry,
+        )
+        # From a request's close being queued to its commit in the ledger.
+        self.ledger_lag = Histogram(
+            "tokenwell_ledger_write_lag_seconds",
+            "Time from a request's settlement to its ledger row's commit",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=self.registry,
+        )
         self.disconnects = Counter(
             "tokenwell_client_disconnects",
             "Clients that went away before their response began, by what was being read",
@@ -121,22 +188,45 @@ class Metrics:
     def watch_engines(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
         self.registry.register(_EngineStats(source))
 
+    def watch_engine_timings(
+        self, source: Callable[[], dict[str, list[HistogramSnapshot]]]
+    ) -> None:
+        self.registry.register(_EngineTimings(source))
+
     def watch_ledger(self, source: Callable[[], dict[str, float]]) -> None:
         self.registry.register(_LedgerStats(source))
 
     def request_started(self, model: str) -> None:
         self.in_flight.labels(model).inc()
+        self.running.labels(model).inc()
 
     def request_done(
-        self, model: str, status: str, meter: Meter | None = None, ttft_ms: float | None = None
+        self,
+        model: str,
+        status: str,
+        meter: Meter | None = None,
+        ttft_ms: float | None = None,
+        cost_nanos: int = 0,
+        *,
+        started: bool = True,
+        itl_seconds: float | None = None,
     ) -> None:
         self.requests.labels(model, status).inc()
+        if started:
+            self.running.labels(model).dec()
         if meter is not None:
             self.tokens.labels(model, "prompt").inc(meter.prompt_tokens)
             self.tokens.labels(model, "cached").inc(meter.cached_tokens)
             self.tokens.labels(model, "completion").inc(meter.completion_tokens)
+        if cost_nanos:
+            self.spend.labels(model).inc(cost_nanos / 1e9)
         if ttft_ms is not None:
             self.ttft.labels(model).observe(ttft_ms / 1000)
+        if itl_seconds is not None:
+            self.itl.labels(model).observe(itl_seconds)
+
+    def ledger_committed(self, lag_seconds: float) -> None:
+        self.ledger_lag.observe(lag_seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -402,6 +402,17 @@ def _paths() -> dict[str, Any]:
                 parameters=[
                     _query("key_id", {"type": "string"}, "One key"),
                     _query("status", {"type": "string"}, "One status"),
+                    _query("model", {"type": "string"}, "One model"),
+                    _query(
+                        "since",
+                        {"type": "string", "format": "date-time"},
+                        "Created at or after (ISO date or datetime, UTC)",
+                    ),
+                    _query(
+                        "until",
+                        {"type": "string", "format": "date-time"},
+                        "Created before (ISO date or datetime, UTC)",
+                    ),
                     _query(
                         "limit",
                         {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},

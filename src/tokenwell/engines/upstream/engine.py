@@ -81,6 +81,12 @@ class UpstreamEngine(Engine):
     def ready(self) -> bool:
         return self.pool is not None and bool(self.pool.healthy)
 
+    @property
+    def unavailable(self) -> str | None:
+        if self.pool is None or self.pool.healthy:
+            return None
+        return "; ".join(f"{r.url}: {r.last_error or 'unhealthy'}" for r in self.pool.replicas)
+
     def card(self) -> ModelCard:
         return ModelCard(self.model_id, owned_by="tokenwell-upstream", created=self._created)
 
@@ -205,7 +211,9 @@ class UpstreamEngine(Engine):
     def submit(self, prepared: Prepared, meter: Meter | None = None) -> Generation:
         if self.pool is None or not self.pool.healthy:
             raise Overloaded(
-                f"No upstream for `{self.model_id}` is reachable right now.",
+                f"No upstream for `{self.model_id}` is reachable right now"
+                + (f" ({self.unavailable})." if self.unavailable else "."),
+                code="upstream_unavailable",
                 headers={"Retry-After": "2"},
             )
         generation = Generation(prepared.request.n, meter)

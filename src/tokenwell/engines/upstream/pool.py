@@ -85,11 +85,13 @@ class Pool:
             ) as response:
                 await response.read()
                 ok = response.status == 200
-                reason = None if ok else f"health check answered {response.status}"
+                reason = None if ok else _refusal(response.status, replica)
         except (aiohttp.ClientError, TimeoutError) as exc:
             ok, reason = False, f"health check failed: {exc!r}"
         if ok and not replica.healthy:
             log.info("upstream %s is back", replica.url)
+        elif not ok and (replica.healthy or reason != replica.last_error):
+            log.warning("upstream %s is unhealthy: %s", replica.url, reason)
         replica.healthy = ok
         replica.last_error = reason
 
@@ -103,3 +105,13 @@ class Pool:
                 await self.check_all()
             except Exception:  # pragma: no cover - never let the checker die
                 log.exception("upstream health checks failed")
+
+
+def _refusal(status: int, replica: Replica) -> str:
+    if status in (401, 403):
+        given = "its api_key" if replica.api_key else "no api_key"
+        return (
+            f"health check answered {status}: the upstream refused the credentials "
+            f"(tokenwell sent {given}; set api_key for this URL)"
+        )
+    return f"health check answered {status}"

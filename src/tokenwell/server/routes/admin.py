@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwell.billing.keys import parse_key_fields
+from tokenwell.billing.keys import parse_key_fields, parse_when
 from tokenwell.billing.usage import parse_day, parse_group_by, request_rows
 from tokenwell.billing.usage import usage_report as report
 from tokenwell.errors import InvalidRequest, NotFound, PermissionDenied
@@ -88,9 +88,24 @@ async def list_requests(request: Request) -> Response:
             code="invalid_value",
         )
     rows = await request_rows(
-        services.db, key_id=q.get("key_id"), status=q.get("status"), limit=int(limit)
+        services.db,
+        key_id=q.get("key_id"),
+        status=q.get("status"),
+        limit=int(limit),
+        model=q.get("model"),
+        since=_when(q.get("since"), "since"),
+        until=_when(q.get("until"), "until"),
     )
     return json_response({"object": "list", "data": rows})
+
+
+def _when(value: str | None, param: str) -> float | None:
+    try:
+        return parse_when(value) if value else None
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"Invalid '{param}': {exc}.", param=param, code="invalid_value"
+        ) from exc
 
 
 async def get_request(request: Request) -> Response:
