@@ -130,11 +130,16 @@ def test_dropped_streams_on_the_real_model_match_the_engine(model_server: Server
     assert sum(r["completion_tokens"] for r in rows) == generated() - before
 
 
-def budget_run(server: Server) -> None:
-    """50 concurrent requests on a budget that covers exactly 10."""
+def budget_run(server: Server, period: str = "total") -> None:
+    """50 concurrent requests on a budget (lifetime or per period) that covers exactly 10."""
     # scripted-slow: 400 tokens at 2 USD/M; ask for 20 tokens, prompt is 7 tokens at 1 USD/M.
     per_request = Decimal(7) / 10**6 + Decimal(2 * 20) / 10**6
-    key = server.create_key(name="budget", budget_usd=str(per_request * 10))
+    limit = str(per_request * 10)
+    if period == "total":
+        key = server.create_key(name="budget", budget_usd=limit)
+    else:  # beside a lifetime budget that is not the one to run out
+        budgets = [{"usd": limit, "period": period}, {"usd": "1000", "period": "total"}]
+        key = server.create_key(name="budget-" + period, budgets=budgets)
 
     async def one(client: httpx.AsyncClient) -> int:
         r = await client.post(
@@ -148,6 +153,8 @@ def budget_run(server: Server) -> None:
         )
         if r.status_code == 429:
             assert r.json()["error"]["code"] == "insufficient_quota"
+            assert r.headers["x-tokenwell-budget-period"] == period
+            assert ("retry-after" in r.headers) is (period != "total")
         return r.status_code
 
     async def go() -> list[int]:
@@ -166,7 +173,10 @@ def budget_run(server: Server) -> None:
         rows = http.get("/admin/requests", params={"key_id": key["id"], "limit": 100}).json()[
             "data"
         ]
-    assert Decimal(record["spend_usd"]) == per_request * 10 <= Decimal(record["budget_usd"])
+    assert Decimal(record["spend_usd"]) == per_request * 10
+    (budget,) = [b for b in record["budgets"] if b["period"] == period]
+    assert Decimal(budget["spent_usd"]) == per_request * 10 == Decimal(budget["usd"])
+    assert budget["remaining_usd"] == "0.0"
     assert record["reserved_usd"] == "0.0"
     assert sum(Decimal(r["cost_usd"]) for r in rows) == Decimal(record["spend_usd"])
     assert sorted(r["status"] for r in rows).count("rejected") == 40
@@ -179,6 +189,11 @@ def test_budget_holds_under_concurrency_on_sqlite(scripted_server: Server) -> No
 def test_budget_holds_under_concurrency_on_postgresql(tmp_path: Path, pg_url: str) -> None:
     with Server(tmp_path, SCRIPTED_CONFIG, env={"TOKENWELL_DATABASE_URL": pg_url}) as server:
         budget_run(server)
+        budget_run(server, "day")
+
+
+def test_daily_budget_holds_under_concurrency_on_sqlite(scripted_server: Server) -> None:
+    budget_run(scripted_server, "day")
 
 
 def test_spent_budget_is_429_insufficient_quota(scripted_server: Server) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -82,3 +83,27 @@ def test_a_key_revoked_on_one_replica_is_refused_by_the_other(
         assert http.delete(f"/admin/keys/{key['id']}").status_code == 200
     with b.http(key=key["key"]) as http:
         assert http.post("/v1/chat/completions", json=body).status_code == 401
+
+
+def test_one_daily_budget_across_replicas(replicas: tuple[Server, Server]) -> None:
+    """50 requests over both replicas against a daily budget that covers 10."""
+    a, b = replicas
+    per_request = Decimal(7) / 10**6 + Decimal(2 * 20) / 10**6
+    key = a.create_key(name="daily", budgets=[{"usd": str(per_request * 10), "period": "day"}])
+    body = {
+        "model": "scripted-slow",
+        "max_tokens": 20,
+        "stream": True,
+        "messages": [{"role": "user", "content": "go"}],
+    }
+    statuses = asyncio.run(_fire(replicas, key["key"], 50, body))
+    assert statuses.count(200) == 10 and statuses.count(429) == 40
+    with b.http(key=key["key"]) as http:
+        for _ in range(100):  # the last closes commit just after their streams
+            usage = http.get("/v1/usage").json()
+            if usage["in_flight"] == 0:
+                break
+            time.sleep(0.05)
+    (day,) = usage["budgets"]
+    assert Decimal(day["spent_usd"]) == per_request * 10 == Decimal(usage["spend_usd"])
+    assert day["remaining_usd"] == "0.0" and usage["reserved_usd"] == "0.0"

@@ -17,14 +17,17 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+from tokenwell.billing import periods
 from tokenwell.billing.claims import Claim, KeyClaimed
 from tokenwell.billing.journal import Journal
 from tokenwell.billing.keys import MASTER, KeyHasher, KeyRecord, KeyStore
-from tokenwell.billing.ledger import CloseRow, Ledger, LedgerUnavailable, OpenRow
+from tokenwell.billing.ledger import Admission, CloseRow, Ledger, LedgerUnavailable, OpenRow
 from tokenwell.billing.money import cost_nanos, nanos_to_usd, worst_case_nanos
+from tokenwell.billing.periods import Windows
 from tokenwell.billing.ratelimit import Decision, RateLimiter
 from tokenwell.config import Price
 from tokenwell.engines.base import Prepared
@@ -40,6 +43,7 @@ from tokenwell.protocol.events import Meter
 log = logging.getLogger(__name__)
 
 _FREE = Price()  # a model without a price
+_PER = {"day": "daily", "week": "weekly", "month": "monthly"}
 
 
 def new_request_id() -> str:
@@ -89,6 +93,8 @@ class Ticket:
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
     committed: asyncio.Future[bool] | None = None
+    # The key's budget windows it was admitted in (its cost counts toward them).
+    windows: Windows = periods.EPOCH
 
     async def settle(
         self,
@@ -142,6 +148,8 @@ class Accounting:
         self.metering = metering
         self._master_hash = keys.hasher.hash(master_key)
         self.hasher: KeyHasher = keys.hasher
+        # What time it is: budget windows begin at its midnights (a test's fake clock).
+        self.clock: Callable[[], float] = time.time
 
     # ------------------------------------------------------------------ who
 
@@ -241,27 +249,54 @@ class Accounting:
             if admission.reason in ("revoked", "expired", "missing"):
                 self.keys.forget(key)
                 raise AuthenticationFailed(f"The API key {key.prefix}… is {admission.reason}.")
-            available = nanos_to_usd(admission.available_nanos or 0)
-            raise InsufficientQuota(
-                f"You exceeded your current quota: this request may cost up to "
-                f"${nanos_to_usd(reserve)} and the key has ${available} left of its "
-                f"${nanos_to_usd(admission.budget_nanos or 0)} budget. Lower "
-                "max_completion_tokens or raise the key's budget.",
-                headers={"x-request-id": request_id},
-            )
+            raise self._over_budget(key, admission, reserve, row.created_at, request_id)
         headers = {"x-request-id": request_id}
         if decision is not None:
             headers.update(decision.headers())
         meter = self.journal.meter(request_id) if self.journal is not None else Meter()
         return Ticket(
-            self, request_id, key, request.model, price, reserve, estimate, meter, headers
+            self,
+            request_id,
+            key,
+            request.model,
+            price,
+            reserve,
+            estimate,
+            meter,
+            headers,
+            windows=row.windows,
+        )
+
+    @staticmethod
+    def _over_budget(
+        key: KeyRecord, admission: Admission, reserve: int, now: float, request_id: str
+    ) -> InsufficientQuota:
+        """The 429 that names the budget that refused the request, and when it resets."""
+        period = admission.period or "total"
+        what = "lifetime" if period == "total" else _PER[period]
+        headers = {"x-request-id": request_id, "x-tokenwell-budget-period": period}
+        reset = periods.next_reset(period, now, key.timezone)
+        when = ""
+        if reset is not None:
+            headers["Retry-After"] = str(max(1, int(reset - now + 0.999)))
+            when = f" It resets at {periods.iso(reset)}."
+        return InsufficientQuota(
+            f"You exceeded your current quota: this request may cost up to "
+            f"${nanos_to_usd(reserve)} and the key has "
+            f"${nanos_to_usd(admission.available_nanos or 0)} left of its {what} budget of "
+            f"${nanos_to_usd(admission.budget_nanos or 0)}.{when} Lower "
+            "max_completion_tokens or raise the key's budget.",
+            headers=headers,
         )
 
     def _row(
         self, key: KeyRecord, prepared: Prepared, request_id: str, prompt: int, reserve: int
     ) -> OpenRow:
         request = prepared.request
+        now = self.clock()
         return OpenRow(
+            created_at=now,
+            windows=periods.windows(now, key.timezone),
             id=request_id,
             key_id=key.id,
             model=request.model,
@@ -325,6 +360,7 @@ class Accounting:
             ttft_ms=ttft_ms,
             total_ms=total_ms,
             error=error,
+            windows=ticket.windows,
         )
         if self.journal is not None:
             # The journal keeps the usage until the ledger has it.
@@ -344,6 +380,7 @@ class Accounting:
         alone when it never reached a token), and its reservation released.
         """
         rows = await self.ledger.open_rows(self.instance)
+        zones = await self.keys.timezones({row.key_id for row in rows})
         for row in rows:
             known = journal_entries.get(row.id)
             prompt, cached, completion = known if known is not None else (0, 0, 0)
@@ -361,6 +398,7 @@ class Accounting:
                     cost_nanos=cost_nanos(price, prompt, cached, completion),
                     reserved_nanos=row.reserved_nanos,
                     total_ms=max(time.time() - row.created_at, 0) * 1000,
+                    windows=periods.windows(row.created_at, zones.get(row.key_id)),
                     error=(
                         "the server stopped while the request was in flight"
                         if known is not None

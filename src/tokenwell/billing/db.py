@@ -63,6 +63,19 @@ api_keys = Table(
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
     Column("created_at", Float, nullable=False),
+    # Budgets per calendar period (migration 0006, see billing.periods): the
+    # limit, the spend of the current window and when that window began, in
+    # the key's time zone (UTC when none).
+    Column("timezone", String(64), nullable=True),
+    *[
+        column
+        for period in ("day", "week", "month")
+        for column in (
+            Column(f"{period}_budget_nanos", BigInteger, nullable=True),
+            Column(f"{period}_spent_nanos", BigInteger, nullable=False, server_default="0"),
+            Column(f"{period}_start", Float, nullable=False, server_default="0"),
+        )
+    ],
 )
 
 requests = Table(

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,7 @@ from pydantic import (
 )
 from sqlalchemy import insert, select, update
 
+from tokenwell.billing import periods
 from tokenwell.billing.db import Database, api_keys
 from tokenwell.billing.keychanges import KeyChanges
 from tokenwell.billing.money import nanos_to_usd, usd_to_nanos
@@ -87,10 +88,29 @@ class KeyRecord:
     revoked_at: float | None = None
     created_at: float = 0.0
     key_hash: str = ""
+    timezone: str | None = None
+    # Per period ("day", "week", "month"): (limit or None, spent in the window, window start).
+    periods: tuple[tuple[int | None, int, float], ...] = ((None, 0, 0.0),) * 3
 
     @property
     def is_master(self) -> bool:
         return self.id == MASTER_ID
+
+    def budgets(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Each limit of the key: its period, amount, spend in the current window,
+        what is left (after reservations in flight) and when it resets."""
+        now = time.time() if now is None else now
+        out = []
+        if self.budget_nanos is not None:
+            out.append(_budget("total", self.budget_nanos, self.spent_nanos, self.reserved_nanos))
+        for period, (limit, spent, start) in zip(periods.PERIODS, self.periods, strict=True):
+            if limit is None:
+                continue
+            current = periods.window_start(period, now, self.timezone)
+            spent = spent if start >= current else 0  # a new window has begun
+            reset = periods.next_reset(period, now, self.timezone)
+            out.append(_budget(period, limit, spent, self.reserved_nanos, reset))
+        return out
 
     def state(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
@@ -125,7 +145,21 @@ class KeyRecord:
             "revoked_at": _iso(self.revoked_at),
             "created_at": _iso(self.created_at),
             "status": self.state(),
+            "timezone": self.timezone,
+            "budgets": self.budgets(),
         }
+
+
+def _budget(
+    period: str, limit: int, spent: int, reserved: int, resets_at: float | None = None
+) -> dict[str, Any]:
+    return {
+        "period": period,
+        "usd": nanos_to_usd(limit),
+        "spent_usd": nanos_to_usd(spent),
+        "remaining_usd": nanos_to_usd(max(limit - spent - reserved, 0)),
+        "resets_at": periods.iso(resets_at),
+    }
 
 
 MASTER = KeyRecord(id=MASTER_ID, name="master", prefix="master")
@@ -164,6 +198,38 @@ def parse_when(value: str | datetime | date | None) -> float | None:
     return value.timestamp()
 
 
+def _usd(value: Any) -> Any:
+    """A budget: a number or a decimal string ("5.25"), as the API answers it."""
+    if value is None or isinstance(value, Decimal):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError("expected a number or a decimal string")
+    if isinstance(value, str):
+        if _DECIMAL.fullmatch(value.strip()) is None:
+            raise ValueError(f"expected a decimal amount in USD, got {value[:40]!r}")
+        return Decimal(value.strip())
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return Decimal(str(value))
+
+
+USD = Annotated[Decimal, Field(ge=0, le=MAX_BUDGET_USD, max_digits=21, decimal_places=9)]
+
+
+class Budget(BaseModel):
+    """One limit: at most ``usd`` per ``period`` (calendar day, ISO week, month, or ever)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    usd: USD
+    period: Literal["day", "week", "month", "total"]
+
+    @field_validator("usd", mode="before")
+    @classmethod
+    def _amount(cls, value: Any) -> Any:
+        return _usd(value)
+
+
 class KeyFields(BaseModel):
     """What a client may set on a key (``POST``/``PATCH /admin/keys``, the CLI)."""
 
@@ -181,6 +247,26 @@ class KeyFields(BaseModel):
         default=None, max_length=1000
     )
     expires_at: StrictStr | datetime | None = None
+    # Several limits at once, one per period; ``budget_usd`` is the ``total`` one.
+    budgets: list[Budget] | None = Field(default=None, max_length=4)
+    # The IANA time zone whose midnights reset the key's budgets (UTC when unset).
+    timezone: StrictStr | None = Field(default=None, max_length=64)
+
+    @field_validator("budgets")
+    @classmethod
+    def _one_per_period(cls, value: list[Budget] | None) -> list[Budget] | None:
+        if value is not None:
+            seen = [b.period for b in value]
+            if len(set(seen)) != len(seen):
+                raise ValueError("at most one budget per period")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        if value is not None:
+            periods.zone(value)
+        return value
 
     @field_validator("expires_at", mode="before")
     @classmethod
@@ -192,17 +278,7 @@ class KeyFields(BaseModel):
     @field_validator("budget_usd", mode="before")
     @classmethod
     def _budget(cls, value: Any) -> Any:
-        if value is None or isinstance(value, Decimal):
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError("expected a number or a decimal string")
-        if isinstance(value, str):
-            if _DECIMAL.fullmatch(value.strip()) is None:
-                raise ValueError(f"expected a decimal amount in USD, got {value[:40]!r}")
-            return Decimal(value.strip())
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("expected a finite number")
-        return Decimal(str(value))
+        return _usd(value)
 
     @field_validator("models")
     @classmethod
@@ -229,6 +305,13 @@ def parse_key_fields(data: Any, *, creating: bool) -> tuple[KeyFields, set[str]]
         raise InvalidRequest(
             "Missing required parameter: 'name'.", param="name", code="missing_required_parameter"
         )
+    total = [b for b in fields.budgets or () if b.period == "total"]
+    if total and "budget_usd" in data and fields.budget_usd != total[0].usd:
+        raise InvalidRequest(
+            "Invalid 'budgets': its total budget differs from 'budget_usd' (the same limit).",
+            param="budgets",
+            code="invalid_value",
+        )
     return fields, set(data)
 
 
@@ -248,6 +331,19 @@ def _columns(fields: KeyFields, given: set[str]) -> dict[str, Any]:
         values["models"] = fields.models
     if "expires_at" in given:
         values["expires_at"] = parse_when(fields.expires_at)
+    if "budgets" in given:
+        # The list is the key's whole set of limits: a period left out has none.
+        limits = {b.period: usd_to_nanos(b.usd) for b in fields.budgets or ()}
+        for period in periods.PERIODS:
+            values[f"{period}_budget_nanos"] = limits.get(period)
+        if "budget_usd" not in given:
+            values["budget_nanos"] = limits.get("total")
+    if "timezone" in given:
+        values["timezone"] = fields.timezone
+        # The windows begin again at the new zone's midnights, keeping their spend.
+        now = time.time()
+        for period in periods.PERIODS:
+            values[f"{period}_start"] = periods.window_start(period, now, fields.timezone)
     return values
 
 
@@ -267,6 +363,15 @@ def _record(row: Any) -> KeyRecord:
         revoked_at=row.revoked_at,
         created_at=row.created_at,
         key_hash=row.key_hash,
+        timezone=row.timezone,
+        periods=tuple(
+            (
+                getattr(row, f"{p}_budget_nanos"),
+                getattr(row, f"{p}_spent_nanos"),
+                getattr(row, f"{p}_start"),
+            )
+            for p in periods.PERIODS
+        ),
     )
 
 
@@ -322,6 +427,15 @@ class KeyStore:
         if row is None:
             raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
         return _record(row)
+
+    async def timezones(self, key_ids: set[str]) -> dict[str, str | None]:
+        """The time zone of each of these keys (those that exist)."""
+        if not key_ids:
+            return {}
+        c = api_keys.c
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(select(c.id, c.timezone).where(c.id.in_(key_ids)))).all()
+        return {row.id: row.timezone for row in rows}
 
     async def update(self, key_id: str, fields: KeyFields, given: set[str]) -> KeyRecord:
         values = _columns(fields, given)

@@ -31,11 +31,14 @@ from operator import itemgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tokenwell.billing import claims, pgbatch
+from tokenwell.billing import claims, periods, pgbatch
+from tokenwell.billing.budgets import RESERVE as _RESERVE
+from tokenwell.billing.budgets import SPEND as _SPEND
+from tokenwell.billing.budgets import refusal, window_params
 from tokenwell.billing.claims import Claim, ClaimEnd
 from tokenwell.billing.db import (
     CLOSE_COLUMNS,
@@ -46,6 +49,7 @@ from tokenwell.billing.db import (
     requests,
 )
 from tokenwell.billing.keys import MASTER_ID
+from tokenwell.billing.periods import Windows
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,9 @@ class OpenRow:
     # Claim its Idempotency-Key in the same transaction (billing.claims).
     claim: Claim | None = None
     api: str = "chat.completions"
+    # The key's budget windows at ``created_at`` (in its time zone): reserved
+    # against, and rolled forward when a new one has begun (billing.periods).
+    windows: Windows = periods.EPOCH
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -138,6 +145,8 @@ class CloseRow:
     closed_at: float = field(default_factory=time.time)
     # Called on the event loop once the close has committed (won or not).
     on_commit: Callable[[], None] | None = None
+    # The windows its open was admitted in: its cost counts toward them.
+    windows: Windows = periods.EPOCH
 
     def params(self) -> dict[str, Any]:
         return {
@@ -155,6 +164,9 @@ class CloseRow:
             "r_error": self.error,
             "r_reserved": self.reserved_nanos,
             "r_open": "open",
+            "r_day": self.windows.day,
+            "r_week": self.windows.week,
+            "r_month": self.windows.month,
         }
 
 
@@ -165,32 +177,11 @@ class Admission:
     reason: str | None = None
     budget_nanos: int | None = None
     available_nanos: int | None = None
+    # The budget that refused it: "total", "day", "week" or "month".
+    period: str | None = None
 
 
 _k = api_keys.c
-# Reserve on a key that is active and whose budget covers the amount: atomic
-# on SQLite (one writer) and PostgreSQL (row lock) alike.
-_RESERVE = (
-    update(api_keys)
-    .where(
-        _k.id == bindparam("k_id"),
-        _k.revoked_at.is_(None),
-        or_(_k.expires_at.is_(None), _k.expires_at > bindparam("k_now")),
-        or_(
-            _k.budget_nanos.is_(None),
-            _k.spent_nanos + _k.reserved_nanos + bindparam("k_amount") <= _k.budget_nanos,
-        ),
-    )
-    .values(reserved_nanos=_k.reserved_nanos + bindparam("k_amount"))
-)
-_SPEND = (
-    update(api_keys)
-    .where(_k.id == bindparam("k_id"))
-    .values(
-        spent_nanos=_k.spent_nanos + bindparam("k_cost"),
-        reserved_nanos=_k.reserved_nanos - bindparam("k_reserved"),
-    )
-)
 _LOCK_KEYS = (
     select(_k.id)
     .where(_k.id.in_(bindparam("k_ids", expanding=True)))
@@ -644,6 +635,10 @@ class Ledger:
         if opens:
             values = [row.values() for row in opens]
             checked = [r for r in opens if r.status == "open" and r.check_key and r.key_id == key]
+            if len({r.windows for r in checked}) > 1:  # across a midnight: row by row
+                with conn.begin():
+                    self._open_rows(conn, opens, results)
+                return [results[id(op.row)] for op in batch]
             if not checked:
                 auto.exec_driver_sql(pgbatch.OPEN, pgbatch.rows_param(values))
                 inserted = len(opens)
@@ -653,6 +648,7 @@ class Ledger:
                     k_id=key,
                     k_now=time.time(),
                     k_amount=sum(r.reserved_nanos for r in checked),
+                    **window_params(checked[0].windows),
                 )
                 inserted = auto.exec_driver_sql(pgbatch.RESERVE_AND_OPEN, params).rowcount
             if inserted == len(opens):
@@ -729,17 +725,19 @@ class Ledger:
 
     def _open_rows(self, conn: Connection, opens: list[OpenRow], results: dict[int, Any]) -> None:
         now = time.time()
-        by_key: dict[str, list[OpenRow]] = defaultdict(list)
+        by_key: dict[tuple[str, Windows], list[OpenRow]] = defaultdict(list)
         for row in opens:
             if row.status == "open" and row.check_key and row.key_id != MASTER_ID:
-                by_key[row.key_id].append(row)
+                by_key[row.key_id, row.windows].append(row)
             else:
                 results[id(row)] = Admission(True)
-        for key_id in sorted(by_key):
-            rows = by_key[key_id]
+        for key_id, windows in sorted(by_key):
+            rows = by_key[key_id, windows]
             total = sum(r.reserved_nanos for r in rows)
             taken = self._executemany(
-                conn, _RESERVE, [{"k_id": key_id, "k_now": now, "k_amount": total}]
+                conn,
+                _RESERVE,
+                [{"k_id": key_id, "k_now": now, "k_amount": total, **window_params(windows)}],
             )
             if taken.rowcount == 1:
                 for row in rows:
@@ -770,18 +768,19 @@ class Ledger:
                 if row.id not in closed:
                     results[id(row)] = False
             todo = [row for row in todo if row.id in closed]
-        spend: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        spend: dict[tuple[str, Windows], list[int]] = defaultdict(lambda: [0, 0])
         for row in todo:
             if row.key_id != MASTER_ID:
-                spend[row.key_id][0] += row.cost_nanos
-                spend[row.key_id][1] += row.reserved_nanos
+                totals = spend[row.key_id, row.windows]
+                totals[0] += row.cost_nanos
+                totals[1] += row.reserved_nanos
         if spend:
             self._executemany(
                 conn,
                 _SPEND,
                 [
-                    {"k_id": key, "k_cost": cost, "k_reserved": reserved}
-                    for key, (cost, reserved) in sorted(spend.items())
+                    {"k_id": key, "k_cost": cost, "k_reserved": reserved, **window_params(windows)}
+                    for (key, windows), (cost, reserved) in sorted(spend.items())
                 ],
             )
 
@@ -825,27 +824,19 @@ class Ledger:
         return conn.exec_driver_sql(sql, list(map(getter, rows)))
 
     def _reserve(self, conn: Connection, row: OpenRow, now: float) -> Admission:
-        taken = self._executemany(
-            conn, _RESERVE, [{"k_id": row.key_id, "k_now": now, "k_amount": row.reserved_nanos}]
-        )
+        params = {"k_id": row.key_id, "k_now": now, "k_amount": row.reserved_nanos}
+        taken = self._executemany(conn, _RESERVE, [{**params, **window_params(row.windows)}])
         if taken.rowcount == 1:
             return Admission(True)
-        c = api_keys.c
-        key = (
-            conn.execute(
-                select(
-                    c.revoked_at, c.expires_at, c.budget_nanos, c.spent_nanos, c.reserved_nanos
-                ).where(c.id == row.key_id)
-            )
-        ).first()
+        key = conn.execute(select(api_keys).where(api_keys.c.id == row.key_id)).first()
         if key is None:
             return Admission(False, "missing")
         if key.revoked_at is not None:
             return Admission(False, "revoked")
         if key.expires_at is not None and key.expires_at <= now:
             return Admission(False, "expired")
-        available = max((key.budget_nanos or 0) - key.spent_nanos - key.reserved_nanos, 0)
-        return Admission(False, "budget", key.budget_nanos, available)
+        period, limit, available = refusal(key, row.reserved_nanos, row.windows)
+        return Admission(False, "budget", limit, available, period)
 
     async def open_rows(self, instance: str) -> list[Any]:
         async with self.db.engine.connect() as conn:

@@ -26,7 +26,10 @@ from typing import Any
 
 import orjson
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 
+from tokenwell.billing import periods
+from tokenwell.billing.budgets import RESERVE
 from tokenwell.billing.db import CLOSE_COLUMNS, OPEN_COLUMNS, requests
 
 _OPEN_COLUMNS = ", ".join(f'"{name}"' for name in OPEN_COLUMNS)
@@ -37,13 +40,10 @@ _INSERT = (
 
 OPEN = _INSERT
 
+# The ledger's own reservation (billing.budgets), as psycopg writes it.
+_RESERVE = str(RESERVE.returning(RESERVE.table.c.id).compile(dialect=psycopg_dialect()))
 RESERVE_AND_OPEN = (
-    "WITH reserved AS ("
-    " UPDATE api_keys SET reserved_nanos = reserved_nanos + %(k_amount)s"
-    " WHERE id = %(k_id)s AND revoked_at IS NULL"
-    " AND (expires_at IS NULL OR expires_at > %(k_now)s)"
-    " AND (budget_nanos IS NULL OR spent_nanos + reserved_nanos + %(k_amount)s <= budget_nanos)"
-    " RETURNING id) " + _INSERT + " WHERE EXISTS (SELECT 1 FROM reserved)"
+    f"WITH reserved AS ({_RESERVE}) " + _INSERT + " WHERE EXISTS (SELECT 1 FROM reserved)"
 )
 
 
@@ -52,22 +52,34 @@ def _type(column: str) -> str:
 
 
 # The close's parameters: the row's id, what it sets, and what it had reserved
-# (only read, for the spend).
+# and the windows it was admitted in (only read, for the spend).
 _CLOSE_PARAMS = (("r_id", "id"), *CLOSE_COLUMNS, ("r_reserved", "reserved_nanos"))
+_WINDOWS = tuple(f"r_{p}" for p in periods.PERIODS)
 _CLOSED = (
     "UPDATE requests AS r SET {} FROM json_to_recordset(%(rows)s::json) AS v({}) "
-    "WHERE r.id = v.r_id AND r.status = 'open' RETURNING r.id, v.r_cost, v.r_reserved"
+    "WHERE r.id = v.r_id AND r.status = 'open' RETURNING r.id, v.r_cost, v.r_reserved, {}"
 ).format(
     ", ".join(f"{column} = v.{param}" for param, column in CLOSE_COLUMNS),
-    ", ".join(f"{param} {_type(column)}" for param, column in _CLOSE_PARAMS),
+    ", ".join(
+        [f"{param} {_type(column)}" for param, column in _CLOSE_PARAMS]
+        + [f"{w} float8" for w in _WINDOWS]
+    ),
+    ", ".join(f"v.{w}" for w in _WINDOWS),
 )
 
 CLOSE = f"WITH closed AS ({_CLOSED}) SELECT id FROM closed"
 
+# A period's spend grows by the cost of the rows admitted in its current
+# window (as billing.budgets.SPEND).
+_PERIOD_SPEND = "".join(
+    f", {p}_spent_nanos = {p}_spent_nanos + coalesce("
+    f"(SELECT sum(c.r_cost) FROM closed AS c WHERE c.r_{p} = api_keys.{p}_start), 0)"
+    for p in periods.PERIODS
+)
 CLOSE_AND_SPEND = (
     f"WITH closed AS ({_CLOSED}), spent AS ("
     " UPDATE api_keys SET spent_nanos = spent_nanos + s.cost,"
-    " reserved_nanos = reserved_nanos - s.reserved"
+    f" reserved_nanos = reserved_nanos - s.reserved{_PERIOD_SPEND}"
     " FROM (SELECT sum(r_cost) AS cost, sum(r_reserved) AS reserved FROM closed) AS s"
     " WHERE api_keys.id = %(k_id)s AND s.cost IS NOT NULL) "
     "SELECT id FROM closed"

@@ -14,4 +14,4 @@ async def own_usage(request: Request) -> Response:
     key = await services.accounting.authenticate(request.headers.get("authorization"))
     if not key.is_master:
         key = await services.keys.get(key.id)  # fresh spend, not the auth cache's
-    return json_response(await key_usage(services.db, key))
+    return json_response(await key_usage(services.db, key, services.accounting.clock()))
