@@ -350,7 +350,20 @@ def _paths() -> dict[str, Any]:
                 parameters=[_path("model")],
             )
         },
-        "/v1/usage": {"get": _operation("The calling key's usage", {"200": _json("Object")})},
+        "/v1/usage": {
+            "get": _operation(
+                "The calling key's usage and budgets",
+                {"200": _json("Object")},
+                errors=(400, 401),
+                parameters=[
+                    _query(
+                        "user",
+                        {"type": "string", "minLength": 1, "maxLength": 256},
+                        "An end user of the key: their spend, budget and rate limits too",
+                    )
+                ],
+            )
+        },
         "/admin/keys": {
             "post": _operation(
                 "Create a key (its secret is in the answer, once)",
@@ -385,12 +398,21 @@ def _paths() -> dict[str, Any]:
                 errors=(400, 401, 403),
                 parameters=[
                     _query(
-                        "group_by", {"type": "string"}, "Any of key, model, day, comma-separated"
+                        "group_by",
+                        {"type": "string"},
+                        "Any of key, model, day, end_user, tag:NAME (a metadata key), "
+                        "comma-separated",
                     ),
                     _query("since", {"type": "string", "format": "date"}, "First day (UTC)"),
                     _query("until", {"type": "string", "format": "date"}, "Last day (UTC)"),
                     _query("key_id", {"type": "string"}, "One key"),
                     _query("model", {"type": "string"}, "One model"),
+                    _query("user", {"type": "string"}, "One end user"),
+                    _query(
+                        "format",
+                        {"enum": ["json", "csv"], "default": "json"},
+                        "json, or csv (text/csv: the groups, then the sums, one line a row)",
+                    ),
                 ],
             )
         },
@@ -439,14 +461,14 @@ def _paths() -> dict[str, Any]:
         },
         "/metrics": {
             "get": _operation(
-                "Prometheus metrics",
+                "Prometheus metrics (with the server's metrics_token, when it sets one)",
                 {
                     "200": {
                         "description": "OK",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
                     }
                 },
-                errors=(),
+                errors=(401,),
                 public=True,
             )
         },
