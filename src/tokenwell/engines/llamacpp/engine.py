@@ -36,20 +36,32 @@ class LlamaCppEngine(Engine):
     async def start(self) -> None:
         if self.settings.self_test:
             # Raises EngineUnusable (cause and fix) if this build cannot run here.
-            await asyncio.to_thread(verify, self.path)
-        self.model = await asyncio.to_thread(Model, self.path)
+            await asyncio.to_thread(verify, self.path, embed=self.embed_only)
+        self.model = await asyncio.to_thread(Model, self.path, chat=not self.embed_only)
         scheduler = Scheduler(
             self.model, self.settings, asyncio.get_running_loop(), on_fatal=exit_process
         )
         await asyncio.to_thread(scheduler.start)
         self.scheduler = scheduler
-        log.info(
-            "%s ready: %s, %d slots x %d tokens",
-            self.model_id,
-            self.path.name,
-            self.settings.parallel,
-            scheduler.n_ctx_slot,
-        )
+        if self.embed_only:
+            log.info(
+                "%s ready: %s, embeddings only, inputs of up to %d tokens",
+                self.model_id,
+                self.path.name,
+                scheduler.n_ctx_slot,
+            )
+        else:
+            log.info(
+                "%s ready: %s, %d slots x %d tokens",
+                self.model_id,
+                self.path.name,
+                self.settings.parallel,
+                scheduler.n_ctx_slot,
+            )
+
+    @property
+    def embed_only(self) -> bool:
+        return self.settings.task == "embed"
 
     async def stop(self) -> None:
         scheduler, self.scheduler = self.scheduler, None
@@ -68,7 +80,11 @@ class LlamaCppEngine(Engine):
         return self.model.fingerprint if self.model else "fp_tokenwell"
 
     def card(self) -> ModelCard:
-        meta: dict[str, Any] = {"engine": self.kind, "context_length": self.settings.context}
+        meta: dict[str, Any] = {
+            "engine": self.kind,
+            "context_length": self.settings.context,
+            "task": self.settings.task,
+        }
         return ModelCard(self.model_id, created=self._created, meta=meta)
 
     def _loaded(self) -> tuple[Model, Scheduler]:
@@ -80,6 +96,13 @@ class LlamaCppEngine(Engine):
         return self.model, self.scheduler
 
     def prepare(self, request: ChatRequest) -> Prepared:
+        if self.embed_only:
+            raise InvalidRequest(
+                f"The model `{self.model_id}` is an embedding model: it serves only "
+                "POST /v1/embeddings, and generates no text.",
+                param="model",
+                code="model_not_supported",
+            )
         model, scheduler = self._loaded()
         if request.n > self.settings.parallel:
             raise InvalidRequest(

@@ -51,7 +51,7 @@ def _init_backend() -> None:
 
 
 class Model:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, chat: bool = True) -> None:
         if not path.is_file():
             raise ConfigError(f"GGUF file not found: {path}")
         _init_backend()
@@ -65,7 +65,15 @@ class Model:
         self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
-        self.template = ChatTemplate(self)
+        # An embedding model (task "embed") needs no chat template.
+        self.template = ChatTemplate(self) if chat else None
+
+    @cached_property
+    def encoder_only(self) -> bool:
+        """A BERT-like model: its embeddings come from llama_encode, not llama_decode."""
+        return bool(L.llama_model_has_encoder(self.ptr)) and not bool(
+            L.llama_model_has_decoder(self.ptr)
+        )
 
     @cached_property
     def n_embd(self) -> int:

@@ -152,7 +152,7 @@ class Scheduler:
         self.dead: BaseException | None = None
         self.settings = settings
         self.loop = loop
-        self.slots = [Slot(i) for i in range(settings.parallel)]
+        self.slots = [Slot(i) for i in range(settings.parallel if settings.task != "embed" else 0)]
         self._inbox: deque[Job] = deque()
         self._waiting: deque[Job] = deque()
         self._prefilling: deque[Job] = deque()
@@ -237,7 +237,13 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            self._open_context()
+            if self.settings.task == "embed":
+                # An embedding model: its embeddings context now (a model that
+                # cannot compute them fails at start), no generation context.
+                self._open_embed_context()
+                self.n_ctx_slot = self.settings.context
+            else:
+                self._open_context()
         except BaseException as exc:  # reported to start()
             self._error = exc
             self._ready.set()
@@ -693,7 +699,8 @@ class Scheduler:
             return 0.0
         started = time.perf_counter()
         try:
-            rc = L.llama_decode(self.embed_ctx, batch)
+            compute = L.llama_encode if self.model.encoder_only else L.llama_decode
+            rc = compute(self.embed_ctx, batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc}")
             n_embd = self.model.n_embd

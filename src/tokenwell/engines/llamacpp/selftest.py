@@ -5,11 +5,12 @@ Two checks, both before ``/health`` says ``ready``:
 1. the build: every CPU feature the loaded ggml library was compiled for
    (llama.cpp's own system-info string) must be one this CPU executes
    (``tokenwell.cpu``), and AMX is refused outright;
-2. a decode: a child process loads the model and generates one token. An
+2. a decode: a child process loads the model and generates one token (an
+   embedding model, task "embed", computes one embedding instead). An
    illegal instruction (or any other crash) kills the child, not the server,
    and is reported with its cause and the fix.
 
-    python -m tokenwell.engines.llamacpp.selftest MODEL.gguf    (the child)
+    python -m tokenwell.engines.llamacpp.selftest MODEL.gguf [--embed]   (the child)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tokenwell import cpu, faults
 from tokenwell.errors import EngineUnusable
@@ -35,7 +37,7 @@ def system_info() -> str:
     return L.llama_print_system_info().decode("utf-8", errors="replace")
 
 
-def verify(model_path: Path, *, timeout: float = PROBE_TIMEOUT) -> None:
+def verify(model_path: Path, *, embed: bool = False, timeout: float = PROBE_TIMEOUT) -> None:
     """Raise EngineUnusable unless this build can decode ``model_path`` on this CPU."""
     try:
         cpu.check_build(system_info())
@@ -46,6 +48,8 @@ def verify(model_path: Path, *, timeout: float = PROBE_TIMEOUT) -> None:
         p for p in (str(Path(cpu.__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p
     )
     cmd = [sys.executable, "-m", "tokenwell.engines.llamacpp.selftest", str(model_path)]
+    if embed:
+        cmd.append("--embed")
     try:
         done = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -80,7 +84,7 @@ def _explain(returncode: int, stderr: str) -> str:
     return f"the start-up self-test failed (exit {returncode}): {tail or 'no output'}"
 
 
-def _probe(model_path: Path) -> None:  # runs in the child
+def _probe(model_path: Path, embed: bool) -> None:  # runs in the child
     import ctypes
 
     from llama_cpp import llama_cpp as L
@@ -95,6 +99,9 @@ def _probe(model_path: Path) -> None:  # runs in the child
     params.n_batch = 64
     params.n_threads = params.n_threads_batch = max(1, min(os.cpu_count() or 1, 4))
     params.no_perf = True
+    if embed:
+        params.embeddings = True
+        params.n_ubatch = 64
     ctx = L.llama_init_from_model(model, params)
     if not ctx:
         raise SystemExit("llama.cpp could not create a context")
@@ -104,6 +111,9 @@ def _probe(model_path: Path) -> None:  # runs in the child
     n = L.llama_tokenize(vocab, text, len(text), buf, 32, True, True)
     if n <= 0:
         raise SystemExit("could not tokenize the probe prompt")
+    if embed:
+        _probe_embedding(L, model, ctx, buf, n)
+        return
     # Prefill, then one more decode step of the sampled token: both kernels run.
     for step in range(2):
         batch = L.llama_batch_get_one(buf, n) if step == 0 else L.llama_batch_get_one(buf, 1)
@@ -118,6 +128,25 @@ def _probe(model_path: Path) -> None:  # runs in the child
     L.llama_model_free(model)
 
 
+def _probe_embedding(L: Any, model: Any, ctx: Any, buf: Any, n: int) -> None:
+    import math
+
+    encoder_only = L.llama_model_has_encoder(model) and not L.llama_model_has_decoder(model)
+    compute = L.llama_encode if encoder_only else L.llama_decode
+    if compute(ctx, L.llama_batch_get_one(buf, n)) != 0:
+        raise SystemExit("computing the probe embedding failed")
+    n_embd = L.llama_model_n_embd(model)
+    pooled = L.llama_pooling_type(ctx) != L.LLAMA_POOLING_TYPE_NONE
+    ptr = L.llama_get_embeddings_seq(ctx, 0) if pooled else L.llama_get_embeddings_ith(ctx, -1)
+    if not ptr:
+        raise SystemExit("llama.cpp returned no embedding")
+    vector = [ptr[i] for i in range(n_embd)]
+    if not all(math.isfinite(x) for x in vector) or not any(vector):
+        raise SystemExit("the probe embedding is not a finite, non-zero vector")
+    L.llama_free(ctx)
+    L.llama_model_free(model)
+
+
 if __name__ == "__main__":
-    _probe(Path(sys.argv[1]))
+    _probe(Path(sys.argv[1]), embed="--embed" in sys.argv[2:])
     sys.exit(0)

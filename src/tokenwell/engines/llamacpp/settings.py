@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,6 +16,10 @@ class LlamaCppSettings(BaseModel):
 
     # A GGUF file; the built-in SmolLM2-135M-Instruct when absent.
     path: Path | None = None
+    # "generate": chat, completions and embeddings (the GGUF needs a chat
+    # template); "embed": /v1/embeddings only, as llama-server --embeddings: no
+    # chat template needed, no generation context or slots allocated.
+    task: Literal["generate", "embed"] = "generate"
     # Sequences decoded together (llama.cpp n_seq_max), and KV cells for each.
     parallel: int = Field(default=8, ge=1, le=256)
     context: int = Field(default=2048, ge=64)

@@ -21,6 +21,8 @@ def _model(engine: Engine) -> dict[str, Any]:
     }
     if engine.config.aliases:
         model["aliases"] = list(engine.config.aliases)
+    if card.meta:  # as llama-server's `meta`: the engine, context length, task
+        model["meta"] = card.meta
     return model
 
 
