@@ -220,6 +220,41 @@ def test_items_become_chat_messages() -> None:
     assert req.store is False
 
 
+def test_an_output_is_paired_with_its_call_wherever_it_stands() -> None:
+    """As OpenAI pairs them, by call_id: `llm`'s OpenAI plugin sends an empty user
+    message between a call and its output, which chat's ordering rule refuses."""
+    req = parse_responses_request(
+        {
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "shout it"},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{}"},
+                {"role": "user", "content": ""},
+                {"type": "function_call_output", "call_id": "c2", "output": "two"},
+                {"type": "function_call_output", "call_id": "c1", "output": "one"},
+            ],
+        }
+    )
+    messages = req.chat.messages
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "tool", "user"]
+    assert [(m.tool_call_id, m.content) for m in messages[2:4]] == [("c2", "two"), ("c1", "one")]
+    assert messages[4].content == ""
+
+
+def test_assistant_input_is_listed_as_output_text() -> None:
+    req = parse_responses_request(
+        {
+            "model": "m",
+            "input": [{"role": "assistant", "content": "said"}, {"role": "user", "content": "x"}],
+        }
+    )
+    assert req.input_items[0]["content"] == [
+        {"type": "output_text", "text": "said", "annotations": []}
+    ]
+    assert req.input_items[1]["content"] == [{"type": "input_text", "text": "x"}]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -377,6 +377,50 @@ def test_background_stream_on_another_replica(tmp_path: Path, pg_url: str) -> No
         assert _wait_status(b.client(), started.id).output_text == "u v w x y z"
 
 
+def test_background_polled_and_cancelled_on_another_replica(tmp_path: Path, pg_url: str) -> None:
+    """Polled elsewhere it is ``in_progress`` (not ``queued``); cancelled elsewhere, the
+    replica running it stops it: ``cancelled``, billed once for what was generated."""
+    env = {"TOKENWELL_DATABASE_URL": pg_url, "TOKENWELL_REDIS_URL": REDIS_URL}
+    with (
+        Server(tmp_path / "a", SCRIPTED_CONFIG, env=env) as a,
+        Server(tmp_path / "b", SCRIPTED_CONFIG, env=env) as b,
+    ):
+        raw = a.client().responses.with_raw_response.create(
+            model="scripted-slow", input="go", background=True
+        )
+        started = raw.parse()
+        other = b.client()
+        deadline = time.monotonic() + 30
+        while (polled := other.responses.retrieve(started.id)).status == "queued":
+            assert time.monotonic() < deadline, "never shown in progress on the other replica"
+            time.sleep(0.05)
+        assert polled.status == "in_progress"
+        cancelled = other.responses.cancel(started.id)
+        assert cancelled.status == "cancelled"
+        assert cancelled.usage is not None
+        generated = cancelled.usage.output_tokens
+        assert 0 < generated < 400  # stopped, not run to its end
+        assert a.client().responses.retrieve(started.id).status == "cancelled"
+        row = ledger_row(a, raw.headers["x-request-id"])
+        assert row["status"] == "cancelled"
+        assert row["completion_tokens"] == generated
+
+
+def test_a_cancel_elsewhere_without_redis_is_a_409(tmp_path: Path, pg_url: str) -> None:
+    env = {"TOKENWELL_DATABASE_URL": pg_url}
+    with (
+        Server(tmp_path / "a", SCRIPTED_CONFIG, env=env) as a,
+        Server(tmp_path / "b", SCRIPTED_CONFIG, env=env) as b,
+    ):
+        started = a.client().responses.create(model="scripted-slow", input="go", background=True)
+        with b.http() as http:
+            reply = http.post(f"/v1/responses/{started.id}/cancel")
+        assert reply.status_code == 409
+        error = reply.json()["error"]
+        assert error["code"] == "response_elsewhere" and "Redis" in error["message"]
+        assert a.client().responses.cancel(started.id).status == "cancelled"
+
+
 def test_a_background_response_ends_with_its_server(tmp_path: Path) -> None:
     server = Server(tmp_path / "s", SCRIPTED_CONFIG).start()
     try:

@@ -124,6 +124,21 @@ class ResponseStore:
                 )
             )
 
+    async def advance(self, response: dict[str, Any], from_status: str) -> bool:
+        """Store the response's newest state only if it is still ``from_status`` (a
+        later state stored first is never overwritten); whether it was stored."""
+        async with self.db.engine.begin() as conn:
+            result = await conn.execute(
+                update(stored_responses)
+                .where(_t.id == response["id"], _t.status == from_status)
+                .values(
+                    status=response["status"],
+                    response=orjson.dumps(response),
+                    updated_at=time.time(),
+                )
+            )
+        return bool(result.rowcount)
+
     async def get(self, key_id: str, response_id: str) -> StoredResponse | None:
         async with self.db.engine.connect() as conn:
             row = (

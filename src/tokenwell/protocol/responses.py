@@ -312,11 +312,15 @@ def _item(item: Any, where: str) -> dict[str, Any]:
                 param=f"{where}.content",
                 code="missing_required_parameter",
             )
-        out: dict[str, Any] = {
-            "type": "message",
-            "role": role,
-            "content": _parts(item["content"], f"{where}.content"),
-        }
+        parts = _parts(item["content"], f"{where}.content")
+        if role == "assistant":  # what a model said is output text, as OpenAI lists it
+            parts = [
+                {"type": "output_text", "text": p["text"], "annotations": []}
+                if p["type"] in ("input_text", "output_text")
+                else p
+                for p in parts
+            ]
+        out: dict[str, Any] = {"type": "message", "role": role, "content": parts}
         if isinstance(item.get("id"), str):
             out["id"] = item["id"]
         return out
@@ -365,9 +369,19 @@ def _item(item: Any, where: str) -> dict[str, Any]:
 
 
 def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Input items → chat completions messages (calls merged into one assistant turn)."""
+    """Input items → chat completions messages (calls merged into one assistant turn).
+
+    A ``function_call_output`` goes right after the assistant turn holding its call
+    (after that turn's earlier outputs), wherever it stands in the input: OpenAI
+    pairs outputs with calls by ``call_id``, not by position, and clients rely on
+    it (``llm``'s OpenAI plugin sends an empty user message between a call and its
+    output), while a chat template wants each call's answer next to it."""
     messages: list[dict[str, Any]] = []
     for item in items:
+        if item["type"] == "function_call_output":
+            tool = {"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]}
+            messages.insert(_answer_at(messages, item["call_id"]), tool)
+            continue
         kind = item["type"]
         if kind == "message":
             texts = [p.get("text") or p.get("refusal") or "" for p in item["content"]]
@@ -383,11 +397,20 @@ def items_to_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            messages.append(
-                {"role": "tool", "tool_call_id": item["call_id"], "content": item["output"]}
-            )
     return messages
+
+
+def _answer_at(messages: list[dict[str, Any]], call_id: str) -> int:
+    """Where the answer to ``call_id`` goes: after its call's turn and that turn's
+    answers so far; at the end when no turn holds the call (checked elsewhere)."""
+    for at in range(len(messages) - 1, -1, -1):
+        calls = messages[at].get("tool_calls") or ()
+        if any(call["id"] == call_id for call in calls):
+            at += 1
+            while at < len(messages) and messages[at]["role"] == "tool":
+                at += 1
+            return at
+    return len(messages)
 
 
 def _answered(messages: list[dict[str, Any]]) -> bool:

@@ -49,6 +49,7 @@ from tokenwell.protocol.responses import (
     parse_responses_request,
 )
 from tokenwell.server.body import read_body
+from tokenwell.server.cancels import CancelBus
 from tokenwell.server.chat import ChatService
 from tokenwell.server.generation import GenerationResponse, Outcome
 from tokenwell.server.loading import wait_until_ready
@@ -64,6 +65,8 @@ MAX_LOG_BYTES = 64 * 1024 * 1024
 NEVER = 10.0**9  # a background response runs with no reader at all
 # A background response started on another replica is in Redis within this long.
 MIRROR_WAIT_SECONDS = 2.0
+# A cancel sent to the replica running a response: how long its answer is awaited.
+CANCEL_WAIT_SECONDS = 15.0
 
 
 @dataclass
@@ -87,7 +90,15 @@ class ResponsesService:
         # With Redis, a background response's log is mirrored there, so that
         # ``?stream=true`` reads it on any replica (server.requestlog.RedisLogs).
         self.remote = chat.idempotency.remote if chat.idempotency is not None else None
+        # With Redis, a cancel reaching another replica is passed to this one.
+        self.cancels = (
+            CancelBus(self.remote.client, self._cancel_here) if self.remote is not None else None
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        if self.cancels is not None:
+            await self.cancels.start()
 
     @property
     def keepalive(self) -> float:
@@ -102,6 +113,8 @@ class ResponsesService:
                 await asyncio.wait_for(live.done.wait(), 15)
         for task in list(self._tasks):
             task.cancel()
+        if self.cancels is not None:
+            await self.cancels.stop()
 
     # ------------------------------------------------------------------ create
 
@@ -244,7 +257,21 @@ class ResponsesService:
         )
         live = self.live[codec.id] = _Live(key.id, codec, response, rlog, producer, done, queued)
         producer.start()
+        self._spawn(self._mark_in_progress(codec, rlog))
         return live
+
+    async def _mark_in_progress(self, codec: ResponsesCodec, rlog: RequestLog) -> None:
+        """Stored as ``in_progress`` once it runs, for polls on other replicas (this one
+        answers from memory); never over an end stored first."""
+        while rlog.end < 2 and not rlog.done:  # response.created, response.in_progress
+            await rlog.wait(None)
+        if not rlog.done and self.store is not None:
+            await self.store.advance(codec.encoder.snapshot("in_progress"), "queued")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _background_done(
         self, codec: ResponsesCodec, done: asyncio.Event, rlog: RequestLog
@@ -258,9 +285,7 @@ class ResponsesService:
             await self.store.update(final)
         finally:
             done.set()
-            task = asyncio.get_running_loop().create_task(self._forget(codec.id))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._forget(codec.id))
 
     async def _forget(self, response_id: str) -> None:
         await asyncio.sleep(FINISHED_LOG_SECONDS)
@@ -330,8 +355,7 @@ class ResponsesService:
         response_id = request.path_params["response_id"]
         live = self._live(key, response_id)
         if live is not None and not live.done.is_set():
-            live.codec.cancelled = True
-            live.response.generation.cancel()
+            self._cancel_here(response_id)
             await live.done.wait()
         deleted = self.store is not None and await self.store.delete(key.id, response_id)
         if not deleted:
@@ -352,19 +376,43 @@ class ResponsesService:
                     code="not_background",
                 )
             if stored["status"] not in TERMINAL:
-                conflict = InvalidRequest(
-                    "This response is running on another server; cancel it there.",
-                    param="response_id",
-                    code="response_elsewhere",
-                )
-                conflict.status = 409
-                raise conflict
+                return json_response(await self._cancel_elsewhere(key, response_id))
             return json_response(stored)
         if not live.done.is_set():
-            live.codec.cancelled = True
-            live.response.generation.cancel()
+            self._cancel_here(response_id)
             await live.done.wait()
         return json_response(live.codec.final or live.codec.encoder.snapshot())
+
+    def _cancel_here(self, response_id: str) -> None:
+        """Cancel a background response if this replica runs it (also on a cancel
+        that reached another replica: server/cancels.py)."""
+        live = self.live.get(response_id)
+        if live is not None and not live.done.is_set():
+            live.codec.cancelled = True
+            live.response.generation.cancel()
+
+    async def _cancel_elsewhere(self, key: KeyRecord, response_id: str) -> dict[str, Any]:
+        """Have the replica running it cancel it; the stored response once it ended."""
+        why = (
+            "cancels reach other servers only with Redis configured"
+            if self.cancels is None
+            else "no server running it answered the cancel"
+        )
+        conflict = InvalidRequest(
+            f"This response is running on another server, and {why}.",
+            param="response_id",
+            code="response_elsewhere",
+        )
+        conflict.status = 409
+        if self.cancels is None or await self.cancels.publish(response_id) < 2:
+            raise conflict  # no Redis, or no replica but this one listening
+        deadline = time.monotonic() + CANCEL_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            stored = await self._stored(key, response_id)
+            if stored["status"] in TERMINAL:
+                return stored
+            await asyncio.sleep(0.05)
+        raise conflict
 
     async def input_items(self, request: Request) -> Response:
         key = await self._key(request)
