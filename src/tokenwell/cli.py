@@ -279,7 +279,9 @@ def keys_create(
     config_path: Path | None, data_dir: Path | None, as_json: bool, **given: Any
 ) -> None:
     """Create a key; its secret is printed once and never stored."""
-    given["budgets"] = cli_spend.as_list(cli_spend.take(given))
+    chosen = cli_spend.take(given)
+    given["budgets"] = cli_spend.as_list(chosen)
+    given["end_user_budget"] = cli_spend.end_user_budget(chosen)[1]
     fields, names = _key_fields(**given)
     secret, record = _run_db(config_path, data_dir, lambda store: store.create(fields, names))
     if as_json:
@@ -381,18 +383,24 @@ def keys_revoke(config_path: Path | None, data_dir: Path | None, key_id: str) ->
     "group_by",
     default="key,model,day",
     show_default=True,
-    help="Group by any of key, model, day.",
+    help="Group by any of key, model, day, end_user, tag:NAME (a metadata key).",
 )
 @click.option("--since", default=None, help="First day (YYYY-MM-DD, UTC).")
 @click.option("--until", default=None, help="Last day (YYYY-MM-DD, UTC).")
+@click.option("--key", "key_id", default=None, help="Only this key's requests (its id).")
+@click.option("--user", default=None, help="Only this end user's requests.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV (as GET /admin/usage?format=csv).")
 def usage(
     config_path: Path | None,
     data_dir: Path | None,
     group_by: str,
     since: str | None,
     until: str | None,
+    key_id: str | None,
+    user: str | None,
     as_json: bool,
+    as_csv: bool,
 ) -> None:
     """Print billed usage and spend from the ledger."""
     from tokenwell.billing.usage import parse_day, parse_group_by, usage_report
@@ -402,9 +410,18 @@ def usage(
         first, last = parse_day(since, "since"), parse_day(until, "until")
     except APIError as exc:
         raise click.ClickException(exc.message) from exc
-    rows = _run_db(config_path, data_dir, lambda store: usage_report(store.db, groups, first, last))
+    rows = _run_db(
+        config_path,
+        data_dir,
+        lambda store: usage_report(store.db, groups, first, last, key_id=key_id, user=user),
+    )
     if as_json:
         out.print_json(json.dumps(rows))
+        return
+    if as_csv:
+        from tokenwell.billing.usage import as_csv as csv_text
+
+        click.echo(csv_text(rows, groups), nl=False)
         return
     named = ["key", "name", *[g for g in groups if g != "key"]] if "key" in groups else groups
     table = _compact()
@@ -526,6 +543,67 @@ def _utc(ts: float) -> str:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+# ---------------------------------------------------------------------- chat
+
+
+@main.command()
+@click.option("--model", default=None, help="The model (default: the first the key may use).")
+@click.option(
+    "--key",
+    default=None,
+    envvar="TOKENWELL_API_KEY",
+    help="API key (default $TOKENWELL_API_KEY, $TOKENWELL_MASTER_KEY, or the local master key).",
+)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    envvar="TOKENWELL_URL",
+    show_default=True,
+    help="The tokenwell to talk to ($TOKENWELL_URL).",
+)
+@click.option("--system", default=None, help="A system prompt for the conversation.")
+@data_dir_option
+def chat(
+    model: str | None, key: str | None, url: str, system: str | None, data_dir: Path | None
+) -> None:
+    """Chat in the terminal: tokens stream as they come, each turn's usage and cost
+    follow it; /reset, /model [NAME], /quit."""
+    import contextlib
+    import os
+
+    import httpx
+
+    from tokenwell.client.stream import ChatError
+    from tokenwell.client.terminal import TerminalChat
+
+    key = key or os.environ.get("TOKENWELL_MASTER_KEY") or _local_master_key(data_dir)
+    if not key:
+        raise click.ClickException(
+            "no API key: pass --key, or set TOKENWELL_API_KEY (or TOKENWELL_MASTER_KEY)"
+        )
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401  (line editing and history for input())
+    try:
+        session = TerminalChat(url, key, model, sys.stdout, system=system)
+    except ChatError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from exc
+    try:
+        session.run()
+    finally:
+        session.close()
+
+
+def _local_master_key(data_dir: Path | None) -> str | None:
+    """The master key a local `tokenwell serve` generated, when this user can read it."""
+    settings = _settings(None, data_dir=data_dir)
+    try:
+        return (settings.data_path / "master_key").read_text().strip() or None
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover
