@@ -107,3 +107,30 @@ def test_one_daily_budget_across_replicas(replicas: tuple[Server, Server]) -> No
     (day,) = usage["budgets"]
     assert Decimal(day["spent_usd"]) == per_request * 10 == Decimal(usage["spend_usd"])
     assert day["remaining_usd"] == "0.0" and usage["reserved_usd"] == "0.0"
+
+
+def test_one_end_user_budget_across_replicas(replicas: tuple[Server, Server]) -> None:
+    """An end user's daily budget holds over both replicas; another end user goes on."""
+    a, b = replicas
+    per_request = Decimal(7) / 10**6 + Decimal(2 * 20) / 10**6
+    key = a.create_key(
+        name="end-users", end_user_budget={"usd": str(per_request * 4), "period": "day"}
+    )
+    body = {
+        "model": "scripted-slow",
+        "max_tokens": 20,
+        "stream": True,
+        "messages": [{"role": "user", "content": "go"}],
+    }
+    statuses = asyncio.run(_fire(replicas, key["key"], 30, {**body, "user": "ivy"}))
+    assert statuses.count(200) == 4 and statuses.count(429) == 26
+    others = asyncio.run(_fire(replicas, key["key"], 4, {**body, "user": "jo"}))
+    assert others == [200] * 4
+    with b.http(key=key["key"]) as http:
+        for _ in range(100):  # the last closes commit just after their streams
+            view = http.get("/v1/usage", params={"user": "ivy"}).json()
+            if view["in_flight"] == 0:
+                break
+            time.sleep(0.05)
+    assert Decimal(view["end_user"]["budget"]["spent_usd"]) == per_request * 4
+    assert Decimal(view["spend_usd"]) == per_request * 8

@@ -21,8 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import orjson
+
 from tokenwell.billing import periods
 from tokenwell.billing.claims import Claim, KeyClaimed
+from tokenwell.billing.endusers import EndUserBudget
 from tokenwell.billing.journal import Journal
 from tokenwell.billing.keys import MASTER, KeyHasher, KeyRecord, KeyStore
 from tokenwell.billing.ledger import Admission, CloseRow, Ledger, LedgerUnavailable, OpenRow
@@ -44,6 +47,11 @@ log = logging.getLogger(__name__)
 
 _FREE = Price()  # a model without a price
 _PER = {"day": "daily", "week": "weekly", "month": "monthly"}
+
+
+def _end_user_bucket(key: KeyRecord, user: str) -> str:
+    """The rate-limit buckets of one end user of a key."""
+    return f"{key.id}/user/{user}"
 
 
 def new_request_id() -> str:
@@ -95,6 +103,9 @@ class Ticket:
     committed: asyncio.Future[bool] | None = None
     # The key's budget windows it was admitted in (its cost counts toward them).
     windows: Windows = periods.EPOCH
+    # Who it was for (``user``), and the window of their budget it reserved in.
+    end_user: str | None = None
+    end_user_window: float | None = None
 
     async def settle(
         self,
@@ -204,30 +215,26 @@ class Accounting:
         estimate = prepared.prompt_tokens + request.n * asked
         decision: Decision | None = None
         if key.rpm or key.tpm:
-            if key.tpm and estimate > key.tpm:
-                await self._reject(key, prepared, request_id, "tpm: request too large")
-                raise RateLimited(
-                    f"Request too large for `{request.model}`: this key allows {key.tpm} tokens "
-                    f"per minute, the request needs {estimate}. Reduce the prompt or "
-                    "max_completion_tokens.",
-                    code="rate_limit_exceeded",
-                    headers={"x-request-id": request_id},
+            decision = await self._take(
+                key, prepared, request_id, key.id, key.rpm, key.tpm, estimate, "this key"
+            )
+        user = request.user
+        if user is not None and (key.end_user_rpm or key.end_user_tpm):
+            try:
+                await self._take(
+                    key,
+                    prepared,
+                    request_id,
+                    _end_user_bucket(key, user),
+                    key.end_user_rpm,
+                    key.end_user_tpm,
+                    estimate,
+                    "each end user of this key",
                 )
-            decision = await self.limiter.acquire(key.id, key.rpm, key.tpm, estimate)
-            if not decision.allowed:
-                await self._reject(key, prepared, request_id, "rate limited")
-                retry = max(1, int(decision.retry_after + 0.999))
-                what = "requests" if key.rpm and (decision.requests_left or 0) < 1 else "tokens"
-                limit = key.rpm if what == "requests" else key.tpm
-                raise RateLimited(
-                    f"Rate limit reached for this key on {what} per minute: limit {limit}. "
-                    f"Please try again in {decision.retry_after:.2f}s.",
-                    headers={
-                        "Retry-After": str(retry),
-                        "x-request-id": request_id,
-                        **decision.headers(),
-                    },
-                )
+            except RateLimited:
+                if key.tpm:  # the key's own tokens go back; its one request stays counted
+                    await self.limiter.adjust(key.id, key.tpm, -estimate)
+                raise
         reserve = worst_case_nanos(
             price, prepared.prompt_tokens, request.n * prepared.max_completion_tokens
         )
@@ -237,19 +244,19 @@ class Accounting:
         try:
             admission = await self.ledger.open(row)
         except LedgerUnavailable as exc:
-            await self._refund(key, estimate)
+            await self._refund(key, user, estimate)
             raise Overloaded(
                 "The usage ledger is unavailable; the request was not started.",
                 headers={"Retry-After": "2"},
             ) from exc
         if not admission.ok:
-            await self._refund(key, estimate)
+            await self._refund(key, user, estimate)
             if admission.reason == "claimed":
                 raise KeyClaimed(request_id)
             if admission.reason in ("revoked", "expired", "missing"):
                 self.keys.forget(key)
                 raise AuthenticationFailed(f"The API key {key.prefix}… is {admission.reason}.")
-            raise self._over_budget(key, admission, reserve, row.created_at, request_id)
+            raise self._over_budget(key, admission, reserve, row.created_at, request_id, user)
         headers = {"x-request-id": request_id}
         if decision is not None:
             headers.update(decision.headers())
@@ -265,16 +272,66 @@ class Accounting:
             meter,
             headers,
             windows=row.windows,
+            end_user=user,
+            end_user_window=row.end_user.window if row.end_user is not None else None,
         )
+
+    async def _take(
+        self,
+        key: KeyRecord,
+        prepared: Prepared,
+        request_id: str,
+        bucket: str,
+        rpm: int | None,
+        tpm: int | None,
+        estimate: int,
+        whose: str,
+    ) -> Decision:
+        """One request and the token estimate from the bucket's limits, or a 429."""
+        if tpm and estimate > tpm:
+            await self._reject(key, prepared, request_id, "tpm: request too large")
+            raise RateLimited(
+                f"Request too large for `{prepared.request.model}`: {whose} may use {tpm} "
+                f"tokens per minute, the request needs {estimate}. Reduce the prompt or "
+                "max_completion_tokens.",
+                code="rate_limit_exceeded",
+                headers={"x-request-id": request_id},
+            )
+        decision = await self.limiter.acquire(bucket, rpm, tpm, estimate)
+        if not decision.allowed:
+            await self._reject(key, prepared, request_id, "rate limited")
+            retry = max(1, int(decision.retry_after + 0.999))
+            what = "requests" if rpm and (decision.requests_left or 0) < 1 else "tokens"
+            limit = rpm if what == "requests" else tpm
+            raise RateLimited(
+                f"Rate limit reached for {whose} on {what} per minute: limit {limit}. "
+                f"Please try again in {decision.retry_after:.2f}s.",
+                headers={
+                    "Retry-After": str(retry),
+                    "x-request-id": request_id,
+                    **decision.headers(),
+                },
+            )
+        return decision
 
     @staticmethod
     def _over_budget(
-        key: KeyRecord, admission: Admission, reserve: int, now: float, request_id: str
+        key: KeyRecord,
+        admission: Admission,
+        reserve: int,
+        now: float,
+        request_id: str,
+        user: str | None,
     ) -> InsufficientQuota:
         """The 429 that names the budget that refused the request, and when it resets."""
         period = admission.period or "total"
         what = "lifetime" if period == "total" else _PER[period]
         headers = {"x-request-id": request_id, "x-tokenwell-budget-period": period}
+        holder = "the key"
+        if admission.reason == "end_user_budget":
+            holder = f"the end user {user!r}"
+            what += " per-end-user"
+            headers["x-tokenwell-budget-scope"] = "end_user"
         reset = periods.next_reset(period, now, key.timezone)
         when = ""
         if reset is not None:
@@ -282,7 +339,7 @@ class Accounting:
             when = f" It resets at {periods.iso(reset)}."
         return InsufficientQuota(
             f"You exceeded your current quota: this request may cost up to "
-            f"${nanos_to_usd(reserve)} and the key has "
+            f"${nanos_to_usd(reserve)} and {holder} has "
             f"${nanos_to_usd(admission.available_nanos or 0)} left of its {what} budget of "
             f"${nanos_to_usd(admission.budget_nanos or 0)}.{when} Lower "
             "max_completion_tokens or raise the key's budget.",
@@ -294,9 +351,19 @@ class Accounting:
     ) -> OpenRow:
         request = prepared.request
         now = self.clock()
+        budget = None
+        if key.end_user_budget_nanos is not None and request.user is not None:
+            period = key.end_user_period
+            budget = EndUserBudget(
+                key.end_user_budget_nanos,
+                period,
+                periods.window_start(period, now, key.timezone),
+            )
         return OpenRow(
             created_at=now,
             windows=periods.windows(now, key.timezone),
+            end_user=budget,
+            tags=orjson.dumps(request.metadata).decode() if request.metadata else None,
             id=request_id,
             key_id=key.id,
             model=request.model,
@@ -321,9 +388,17 @@ class Accounting:
         except LedgerUnavailable:
             log.warning("could not record rejected request %s", request_id)
 
-    async def _refund(self, key: KeyRecord, tokens: int) -> None:
-        if key.tpm and tokens:
-            await self.limiter.adjust(key.id, key.tpm, -tokens)
+    async def _refund(self, key: KeyRecord, user: str | None, tokens: int) -> None:
+        await self._adjust(key, user, -tokens)
+
+    async def _adjust(self, key: KeyRecord, user: str | None, tokens: int) -> None:
+        """Settle ``tokens`` more (negative: fewer) on the key's and its end user's TPM."""
+        if not tokens:
+            return
+        if key.tpm:
+            await self.limiter.adjust(key.id, key.tpm, tokens)
+        if user is not None and key.end_user_tpm:
+            await self.limiter.adjust(_end_user_bucket(key, user), key.end_user_tpm, tokens)
 
     # ------------------------------------------------------------------ settle
 
@@ -362,13 +437,13 @@ class Accounting:
             error=error,
             windows=ticket.windows,
         )
+        if ticket.end_user_window is not None:
+            row.end_user, row.end_user_window = ticket.end_user, ticket.end_user_window
         if self.journal is not None:
             # The journal keeps the usage until the ledger has it.
             row.on_commit = partial(self.journal.forget, ticket.request_id)
         committed = self.ledger.enqueue_close(row)
-        used = prompt + completion
-        if ticket.key.tpm:
-            await self.limiter.adjust(ticket.key.id, ticket.key.tpm, used - ticket.token_estimate)
+        await self._adjust(ticket.key, ticket.end_user, prompt + completion - ticket.token_estimate)
         return committed
 
     # ------------------------------------------------------------------ recovery

@@ -76,6 +76,25 @@ api_keys = Table(
             Column(f"{period}_start", Float, nullable=False, server_default="0"),
         )
     ],
+    # What each end user of the key may spend (one budget, any period) and
+    # request (migration 0007); their spend is in end_user_spend.
+    Column("end_user_budget_nanos", BigInteger, nullable=True),
+    Column("end_user_period", String(8), nullable=True),
+    Column("end_user_rpm", Integer, nullable=True),
+    Column("end_user_tpm", Integer, nullable=True),
+)
+
+# Per (key, end user): the spend of the current window of the key's end-user
+# budget and what is reserved for their requests in flight, like a key's own.
+end_user_spend = Table(
+    "end_user_spend",
+    metadata,
+    Column("key_id", String(40), nullable=False),
+    Column("end_user", String(256), nullable=False),
+    Column("window_start", Float, nullable=False, server_default="0"),
+    Column("spent_nanos", BigInteger, nullable=False, server_default="0"),
+    Column("reserved_nanos", BigInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("key_id", "end_user", name="pk_end_user_spend"),
 )
 
 requests = Table(
@@ -110,6 +129,8 @@ requests = Table(
     Column("attachments", Integer, nullable=False, server_default="0"),
     # The wire API the request came in by (migration 0005).
     Column("api", String(32), nullable=False, server_default="chat.completions"),
+    # The request's metadata, as a JSON object of strings (migration 0007).
+    Column("tags", Text, nullable=True),
     Index("ix_requests_key_day", "key_id", "day"),
     # Only the rows in flight (recovery's lookup), see migration 0002.
     Index(
@@ -185,6 +206,7 @@ OPEN_COLUMNS = (
     "error",
     "idempotency_key",
     "api",
+    "tags",
 )
 # What its close writes: (parameter of ``CloseRow.params()``, column). The
 # parameters are prefixed: a bound parameter may not share its column's name

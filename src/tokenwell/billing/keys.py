@@ -91,6 +91,11 @@ class KeyRecord:
     timezone: str | None = None
     # Per period ("day", "week", "month"): (limit or None, spent in the window, window start).
     periods: tuple[tuple[int | None, int, float], ...] = ((None, 0, 0.0),) * 3
+    # What each end user of the key may spend per period, and request.
+    end_user_budget_nanos: int | None = None
+    end_user_period: str = "total"
+    end_user_rpm: int | None = None
+    end_user_tpm: int | None = None
 
     @property
     def is_master(self) -> bool:
@@ -147,7 +152,28 @@ class KeyRecord:
             "status": self.state(),
             "timezone": self.timezone,
             "budgets": self.budgets(),
+            "end_user_budget": (
+                None
+                if self.end_user_budget_nanos is None
+                else {
+                    "usd": nanos_to_usd(self.end_user_budget_nanos),
+                    "period": self.end_user_period,
+                }
+            ),
+            "end_user_rpm": self.end_user_rpm,
+            "end_user_tpm": self.end_user_tpm,
         }
+
+    def end_user_budget(
+        self, spent: int, reserved: int, start: float, now: float
+    ) -> dict[str, Any]:
+        """An end user's view of the key's per-end-user budget (``end_user_budget_nanos`` set)."""
+        assert self.end_user_budget_nanos is not None
+        period = self.end_user_period
+        if start < periods.window_start(period, now, self.timezone):
+            spent = 0  # a new window has begun
+        reset = periods.next_reset(period, now, self.timezone)
+        return _budget(period, self.end_user_budget_nanos, spent, reserved, reset)
 
 
 def _budget(
@@ -251,6 +277,10 @@ class KeyFields(BaseModel):
     budgets: list[Budget] | None = Field(default=None, max_length=4)
     # The IANA time zone whose midnights reset the key's budgets (UTC when unset).
     timezone: StrictStr | None = Field(default=None, max_length=64)
+    # Every end user of the key (a request's ``user``) at most this, and these rates.
+    end_user_budget: Budget | None = None
+    end_user_rpm: StrictInt | None = Field(default=None, ge=1, le=MAX_RATE)
+    end_user_tpm: StrictInt | None = Field(default=None, ge=1, le=MAX_RATE)
 
     @field_validator("budgets")
     @classmethod
@@ -338,6 +368,14 @@ def _columns(fields: KeyFields, given: set[str]) -> dict[str, Any]:
             values[f"{period}_budget_nanos"] = limits.get(period)
         if "budget_usd" not in given:
             values["budget_nanos"] = limits.get("total")
+    if "end_user_budget" in given:
+        budget = fields.end_user_budget
+        values["end_user_budget_nanos"] = None if budget is None else usd_to_nanos(budget.usd)
+        values["end_user_period"] = None if budget is None else budget.period
+    if "end_user_rpm" in given:
+        values["end_user_rpm"] = fields.end_user_rpm
+    if "end_user_tpm" in given:
+        values["end_user_tpm"] = fields.end_user_tpm
     if "timezone" in given:
         values["timezone"] = fields.timezone
         # The windows begin again at the new zone's midnights, keeping their spend.
@@ -372,6 +410,10 @@ def _record(row: Any) -> KeyRecord:
             )
             for p in periods.PERIODS
         ),
+        end_user_budget_nanos=row.end_user_budget_nanos,
+        end_user_period=row.end_user_period or "total",
+        end_user_rpm=row.end_user_rpm,
+        end_user_tpm=row.end_user_tpm,
     )
 
 

@@ -35,7 +35,7 @@ from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tokenwell.billing import claims, periods, pgbatch
+from tokenwell.billing import claims, endusers, periods, pgbatch
 from tokenwell.billing.budgets import RESERVE as _RESERVE
 from tokenwell.billing.budgets import SPEND as _SPEND
 from tokenwell.billing.budgets import refusal, window_params
@@ -48,6 +48,7 @@ from tokenwell.billing.db import (
     api_keys,
     requests,
 )
+from tokenwell.billing.endusers import EndUserBudget
 from tokenwell.billing.keys import MASTER_ID
 from tokenwell.billing.periods import Windows
 
@@ -102,6 +103,11 @@ class OpenRow:
     # The key's budget windows at ``created_at`` (in its time zone): reserved
     # against, and rolled forward when a new one has begun (billing.periods).
     windows: Windows = periods.EPOCH
+    # The request's metadata (a JSON object of strings), recorded as it came.
+    tags: str | None = None
+    # The key's budget for each end user, when it has one and the request names
+    # one (``user``): reserved on the end user's row in the same transaction.
+    end_user: EndUserBudget | None = None
 
     def values(self) -> dict[str, Any]:
         """The columns known at open; the rest keep their defaults until the close."""
@@ -124,6 +130,7 @@ class OpenRow:
             "error": self.error if closed else None,
             "idempotency_key": self.idempotency_key,
             "api": self.api,
+            "tags": self.tags,
         }
 
 
@@ -147,6 +154,9 @@ class CloseRow:
     on_commit: Callable[[], None] | None = None
     # The windows its open was admitted in: its cost counts toward them.
     windows: Windows = periods.EPOCH
+    # The end user its open reserved for, and in which window of theirs.
+    end_user: str | None = None
+    end_user_window: float = 0.0
 
     def params(self) -> dict[str, Any]:
         return {
@@ -177,7 +187,8 @@ class Admission:
     reason: str | None = None
     budget_nanos: int | None = None
     available_nanos: int | None = None
-    # The budget that refused it: "total", "day", "week" or "month".
+    # The budget that refused it: "total", "day", "week" or "month" (the key's
+    # own, or with reason "end_user_budget" the one each end user has).
     period: str | None = None
 
 
@@ -619,6 +630,8 @@ class Ledger:
         closes = [op.row for op in batch if type(op.row) is CloseRow]
         if len(opens) + len(closes) < len(batch) or any(r.claim is not None for r in opens):
             return None  # claims, and their ends: the transaction takes them
+        if any(r.end_user is not None for r in (*opens, *closes)):
+            return None  # end users' budgets: the transaction takes them
         keys = {r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID}
         if len(keys) > 1:
             return None
@@ -749,12 +762,38 @@ class Ledger:
                     row.status = "rejected"
                     row.error = f"refused: {admission.reason}"
                 results[id(row)] = admission
+        self._reserve_end_users(conn, [r for rows in by_key.values() for r in rows], results)
         if not opens:
             return
         if self.db.dialect == "postgresql":
             conn.exec_driver_sql(pgbatch.OPEN, pgbatch.rows_param([r.values() for r in opens]))
         else:
             self._executemany(conn, _OPEN, [row.values() for row in opens])
+
+    def _reserve_end_users(
+        self, conn: Connection, rows: list[OpenRow], results: dict[int, Any]
+    ) -> None:
+        """Reserve on the end users' budgets for the rows their key admitted (after
+        the key's own row: one lock order everywhere); a row the end user's budget
+        does not cover is refused and gives its key reservation back."""
+        groups: dict[tuple[str, str, EndUserBudget], list[OpenRow]] = defaultdict(list)
+        for row in rows:
+            if row.end_user is not None and row.user is not None and results[id(row)].ok:
+                groups[row.key_id, row.user, row.end_user].append(row)
+        for (key_id, user, budget), members in sorted(groups.items(), key=lambda item: item[0][:2]):
+            total = sum(r.reserved_nanos for r in members)
+            if endusers.reserve(conn, key_id, user, budget, total):
+                continue
+            for row in members:  # not all fit: row by row
+                if endusers.reserve(conn, key_id, user, budget, row.reserved_nanos):
+                    continue
+                endusers.unreserve_key(conn, key_id, row.reserved_nanos)
+                left = endusers.available(conn, key_id, user, budget)
+                results[id(row)] = Admission(
+                    False, "end_user_budget", budget.limit_nanos, left, budget.period
+                )
+                row.status = "rejected"
+                row.error = "refused: end_user_budget"
 
     def _close_rows(
         self, conn: Connection, closes: list[CloseRow], results: dict[int, Any]
@@ -783,6 +822,13 @@ class Ledger:
                     for (key, windows), (cost, reserved) in sorted(spend.items())
                 ],
             )
+        users: dict[tuple[str, str, float], list[int]] = defaultdict(lambda: [0, 0])
+        for row in todo:
+            if row.end_user is not None:
+                totals = users[row.key_id, row.end_user, row.end_user_window]
+                totals[0] += row.cost_nanos
+                totals[1] += row.reserved_nanos
+        endusers.spend(conn, [(*group, cost, res) for group, (cost, res) in sorted(users.items())])
 
     def _close_open(self, conn: Connection, rows: list[CloseRow]) -> set[str]:
         """Close those of ``rows`` still open; the ids this closed."""

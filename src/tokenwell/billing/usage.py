@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import re
+import time
 from datetime import date
 from typing import Any
 
-from sqlalchemy import func, select
+import orjson
+from sqlalchemy import JSON, cast, func, select
 
+from tokenwell.billing import endusers
 from tokenwell.billing.db import Database, api_keys, requests
 from tokenwell.billing.keys import MASTER, KeyRecord
 from tokenwell.billing.money import nanos_to_usd
 from tokenwell.errors import InvalidRequest
 
-GROUPS = {"key": requests.c.key_id, "model": requests.c.model, "day": requests.c.day}
+GROUPS = {
+    "key": requests.c.key_id,
+    "model": requests.c.model,
+    "day": requests.c.day,
+    "end_user": requests.c.user,
+}
+# ``tag:NAME`` groups by one key of the requests' metadata.
+_TAG = re.compile(r"tag:([A-Za-z0-9_.-]{1,64})")
 
 _billed = requests.c.status.not_in(("open", "rejected"))
 
@@ -28,7 +41,10 @@ def _sums() -> list[Any]:
     ]
 
 
-async def key_usage(db: Database, key: KeyRecord, now: float | None = None) -> dict[str, Any]:
+async def key_usage(
+    db: Database, key: KeyRecord, now: float | None = None, user: str | None = None
+) -> dict[str, Any]:
+    """A key's totals and budgets; with ``user``, that end user's own view too."""
     query = select(*_sums()).where(requests.c.key_id == key.id, _billed)
     async with db.engine.connect() as conn:
         row = (await conn.execute(query)).one()
@@ -43,7 +59,7 @@ async def key_usage(db: Database, key: KeyRecord, now: float | None = None) -> d
         if key.budget_nanos is None
         else nanos_to_usd(max(key.budget_nanos - key.spent_nanos - key.reserved_nanos, 0))
     )
-    return {
+    usage: dict[str, Any] = {
         "object": "usage",
         "key_id": key.id,
         "name": key.name,
@@ -59,18 +75,68 @@ async def key_usage(db: Database, key: KeyRecord, now: float | None = None) -> d
         "remaining_usd": remaining,
         "budgets": key.budgets(now),
     }
+    if user is not None and not key.is_master:
+        usage["end_user"] = await _end_user_usage(db, key, user, now)
+    return usage
+
+
+async def _end_user_usage(
+    db: Database, key: KeyRecord, user: str, now: float | None
+) -> dict[str, Any]:
+    c = requests.c
+    mine = (c.key_id == key.id, c.user == user, _billed)
+    async with db.engine.connect() as conn:
+        row = (await conn.execute(select(*_sums()).where(*mine))).one()
+        spent, reserved, start = await endusers.current(conn, key.id, user)
+    view: dict[str, Any] = {
+        "user": user,
+        "requests": int(row.requests),
+        "spend_usd": nanos_to_usd(int(row.cost_nanos)),
+        "budget": None,
+        "rpm": key.end_user_rpm,
+        "tpm": key.end_user_tpm,
+    }
+    if key.end_user_budget_nanos is not None:
+        view["budget"] = key.end_user_budget(
+            spent, reserved, start, time.time() if now is None else now
+        )
+    return view
 
 
 def parse_group_by(value: str | None) -> list[str]:
     names = [g.strip() for g in (value or "key,model,day").split(",") if g.strip()]
     for name in names:
-        if name not in GROUPS:
+        if name not in GROUPS and _TAG.fullmatch(name) is None:
             raise InvalidRequest(
-                f"Invalid 'group_by': {name!r}. Supported values are: key, model, day.",
+                f"Invalid 'group_by': {name!r}. Supported values are: key, model, day, "
+                "end_user and tag:NAME (a metadata key of letters, digits, '_', '.', '-').",
                 param="group_by",
                 code="invalid_value",
             )
     return list(dict.fromkeys(names))
+
+
+def _group(name: str, dialect: str) -> Any:
+    """The column a report groups by: a ledger column, or one tag of the metadata."""
+    match = _TAG.fullmatch(name)
+    if match is None:
+        return GROUPS[name]
+    if dialect == "postgresql":
+        return func.json_extract_path_text(cast(requests.c.tags, JSON), match.group(1))
+    return func.json_extract(requests.c.tags, f'$."{match.group(1)}"')
+
+
+def as_csv(rows: list[dict[str, Any]], group_by: list[str]) -> str:
+    """A report as CSV: its groups, then the sums, one line per row."""
+    columns = [*group_by, *(["key_name"] if "key" in group_by else []), *_SUM_COLUMNS]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+_SUM_COLUMNS = ("requests", "prompt_tokens", "cached_tokens", "completion_tokens", "spend_usd")
 
 
 def parse_day(value: str | None, param: str) -> str | None:
@@ -93,8 +159,11 @@ async def usage_report(
     until: str | None = None,
     key_id: str | None = None,
     model: str | None = None,
+    user: str | None = None,
 ) -> list[dict[str, Any]]:
-    columns = [GROUPS[g].label(g) for g in group_by]
+    groups = [_group(g, db.dialect) for g in group_by]
+    # Labels of their own: a tag's name is no SQL identifier.
+    columns = [column.label(f"g{i}") for i, column in enumerate(groups)]
     query = select(*columns, *_sums()).where(_billed)
     if since:
         query = query.where(requests.c.day >= since)
@@ -104,18 +173,19 @@ async def usage_report(
         query = query.where(requests.c.key_id == key_id)
     if model:
         query = query.where(requests.c.model == model)
+    if user:
+        query = query.where(requests.c.user == user)
     if columns:
-        query = query.group_by(*[GROUPS[g] for g in group_by]).order_by(
-            *[GROUPS[g] for g in group_by]
-        )
+        query = query.group_by(*columns).order_by(*columns)
     async with db.engine.connect() as conn:
         rows = (await conn.execute(query)).all()
-        names = await key_names(conn, {r.key for r in rows}) if "key" in group_by else {}
+        key_at = f"g{group_by.index('key')}" if "key" in group_by else None
+        names = await key_names(conn, {getattr(r, key_at) for r in rows}) if key_at else {}
     report = []
     for row in rows:
-        item = {g: getattr(row, g) for g in group_by}
-        if "key" in group_by:
-            item["key_name"] = names.get(row.key)
+        item = {g: getattr(row, f"g{i}") for i, g in enumerate(group_by)}
+        if key_at is not None:
+            item["key_name"] = names.get(item["key"])
         item.update(
             requests=int(row.requests),
             prompt_tokens=int(row.prompt_tokens),
@@ -141,6 +211,7 @@ def _row(row: Any) -> dict[str, Any]:
     data = {str(k): v for k, v in row._asdict().items()}
     data["cost_usd"] = nanos_to_usd(int(data.pop("cost_nanos")))
     data["reserved_usd"] = nanos_to_usd(int(data.pop("reserved_nanos")))
+    data["tags"] = orjson.loads(data["tags"]) if data.get("tags") else None
     return data
 
 

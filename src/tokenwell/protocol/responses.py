@@ -553,6 +553,8 @@ def to_chat(
     user = body.safety_identifier or body.user
     if user is not None:
         chat["user"] = user
+    if body.metadata:  # recorded on the ledger row as the request's tags
+        chat["metadata"] = body.metadata
     try:
         return replace(validate_chat_request(chat), api="responses")
     except InvalidRequest as exc:

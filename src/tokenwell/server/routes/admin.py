@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwell.billing.keys import parse_key_fields, parse_when
-from tokenwell.billing.usage import parse_day, parse_group_by, request_rows
+from tokenwell.billing.usage import as_csv, parse_day, parse_group_by, request_rows
 from tokenwell.billing.usage import usage_report as report
 from tokenwell.errors import InvalidRequest, NotFound, PermissionDenied
 from tokenwell.protocol.requests import decode_json
@@ -65,14 +65,25 @@ async def revoke_key(request: Request) -> Response:
 async def usage_report(request: Request) -> Response:
     services = await _admin(request)
     q = request.query_params
+    group_by = parse_group_by(q.get("group_by"))
+    fmt = q.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise InvalidRequest(
+            f"Invalid 'format': {fmt!r}. Supported values are: json, csv.",
+            param="format",
+            code="invalid_value",
+        )
     rows = await report(
         services.db,
-        parse_group_by(q.get("group_by")),
+        group_by,
         since=parse_day(q.get("since"), "since"),
         until=parse_day(q.get("until"), "until"),
         key_id=q.get("key_id"),
         model=q.get("model"),
+        user=q.get("user"),
     )
+    if fmt == "csv":
+        return Response(as_csv(rows, group_by), media_type="text/csv; charset=utf-8")
     return json_response({"object": "list", "data": rows})
 
 

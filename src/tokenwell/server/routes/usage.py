@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenwell.billing.usage import key_usage
+from tokenwell.errors import InvalidRequest
 from tokenwell.server.responses import json_response
 
 
@@ -14,4 +15,11 @@ async def own_usage(request: Request) -> Response:
     key = await services.accounting.authenticate(request.headers.get("authorization"))
     if not key.is_master:
         key = await services.keys.get(key.id)  # fresh spend, not the auth cache's
-    return json_response(await key_usage(services.db, key, services.accounting.clock()))
+    user = request.query_params.get("user")
+    if user is not None and not 1 <= len(user) <= 256:
+        raise InvalidRequest(
+            "Invalid 'user': expected 1 to 256 characters.", param="user", code="invalid_value"
+        )
+    return json_response(
+        await key_usage(services.db, key, services.accounting.clock(), user=user)
+    )
