@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.cutproxy import CuttingProxy
 from tests.support import MASTER, SCRIPTED_CONFIG, Server
-from tokenwell.client import ChatAccumulator, Client, ResumingTransport
+from tokenwell.client import AsyncResumingTransport, ChatAccumulator, Client, ResumingTransport
 
 CONFIG = SCRIPTED_CONFIG + "\n[idempotency]\ngrace_seconds = 30\n"
 WORDS = ["alpha", "beta", "gamma", "delta", "épsilon", "ζeta", "eta", "θeta", "iota", "kappa"]
@@ -103,6 +104,47 @@ def test_the_openai_sdk_with_the_transport_completes_every_request(server: Serve
                 acc.add(chunk)
             assert acc.text() == f"You said: {prompt}" and acc.finished
             assert acc.usage is not None
+        assert proxy.cuts >= 10 and transport.resumes >= proxy.cuts // 2
+    rows = _rows(server, key["id"])
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"completed"}
+
+
+def test_the_async_sdk_with_the_async_transport_completes_every_request(server: Server) -> None:
+    """AsyncOpenAI (as the OpenAI Agents SDK uses it) through AsyncResumingTransport,
+    several requests at once through the cutting proxy."""
+    key = server.create_key(name="async-sdk-cuts")
+    rng = random.Random(5)
+    prompts = [_prompt(rng, i) for i in range(24)]
+
+    async def one(sdk: openai.AsyncOpenAI, i: int, prompt: str) -> None:
+        messages = [{"role": "user", "content": prompt}]
+        if i % 3 == 0:
+            done = await sdk.chat.completions.create(model="scripted", messages=messages)  # type: ignore[arg-type]
+            assert done.choices[0].message.content == f"You said: {prompt}"
+            return
+        acc = ChatAccumulator()
+        stream = await sdk.chat.completions.create(
+            model="scripted",
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            acc.add(chunk)
+        assert acc.text() == f"You said: {prompt}" and acc.finished
+        assert acc.usage is not None
+
+    async def run(proxy_base: str, transport: AsyncResumingTransport) -> None:
+        async with httpx.AsyncClient(transport=transport, timeout=30) as http:
+            sdk = openai.AsyncOpenAI(
+                base_url=f"{proxy_base}/v1", api_key=key["key"], max_retries=0, http_client=http
+            )
+            for batch in range(0, len(prompts), 4):  # four at a time
+                await asyncio.gather(*(one(sdk, i, prompts[i]) for i in range(batch, batch + 4)))
+
+    with CuttingProxy(server.port, seed=5, cut_probability=0.5, max_offset=6000) as proxy:
+        transport = AsyncResumingTransport(backoff=0.005)
+        asyncio.run(run(proxy.base, transport))
         assert proxy.cuts >= 10 and transport.resumes >= proxy.cuts // 2
     rows = _rows(server, key["id"])
     assert len(rows) == 24 and {r["status"] for r in rows} == {"completed"}

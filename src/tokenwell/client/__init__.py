@@ -5,14 +5,16 @@
 - ``Client``: streams with ``include_usage``, an ``Idempotency-Key``, and
   resumes dropped connections with ``Last-Event-ID``.
 - ``ResumingTransport``: the same for the official SDK,
-  ``openai.OpenAI(http_client=httpx.Client(transport=ResumingTransport()))``.
+  ``openai.OpenAI(http_client=httpx.Client(transport=ResumingTransport()))``;
+  ``AsyncResumingTransport`` for ``openai.AsyncOpenAI`` and ``httpx.AsyncClient``.
 """
 
 from tokenwell.client.accumulate import ChatAccumulator
 from tokenwell.client.stream import ChatError, ChatStream, Client
-from tokenwell.client.transport import ResumingTransport, new_key
+from tokenwell.client.transport import AsyncResumingTransport, ResumingTransport, new_key
 
 __all__ = [
+    "AsyncResumingTransport",
     "ChatAccumulator",
     "ChatError",
     "ChatStream",

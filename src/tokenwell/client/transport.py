@@ -1,4 +1,4 @@
-"""An ``httpx`` transport that makes chat completions safe to retry and resume.
+"""``httpx`` transports that make chat completions safe to retry and resume.
 
 For the official SDK, one line changes::
 
@@ -6,6 +6,10 @@ For the official SDK, one line changes::
         base_url="http://127.0.0.1:8000/v1",
         api_key="tw-…",
         http_client=httpx.Client(transport=ResumingTransport()),
+    )
+    client = openai.AsyncOpenAI(
+        ...,
+        http_client=httpx.AsyncClient(transport=AsyncResumingTransport()),
     )
 
 Every ``POST …/chat/completions`` gets an ``Idempotency-Key`` (unless it has
@@ -18,14 +22,19 @@ is lost, cut or repeated. Where resuming is impossible (the server kept no
 log, too many failures) the stream ends with an error event (``code``:
 ``resume_failed``) and ``[DONE]``: the SDK raises ``openai.APIError`` after
 the chunks that did arrive.
+
+The decisions (retry or not, where a stream stands, when to give up) are one
+I/O-free state machine, ``_Resume``; the sync and async transports only move
+bytes, as httpx's own sync/async twins do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 
@@ -54,6 +63,125 @@ def error_event(message: str, code: str = "resume_failed") -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
+def _delay(backoff: float, max_backoff: float, attempt: int) -> float:
+    return min(backoff * 2 ** min(attempt, 10), max_backoff)
+
+
+def _again(request: httpx.Request, last_event_id: int | None) -> httpx.Request:
+    """The request once more, with the same key: a retry, or a resume after an event."""
+    headers = httpx.Headers(request.headers)
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = str(last_event_id)
+    else:
+        headers.pop("Last-Event-ID", None)
+    return httpx.Request(
+        request.method,
+        request.url,
+        headers=headers,
+        content=request.content,
+        extensions=request.extensions,
+    )
+
+
+def _prepare(request: httpx.Request) -> None:
+    if "idempotency-key" not in request.headers:
+        request.headers["Idempotency-Key"] = new_key()
+
+
+def _is_stream(response: httpx.Response) -> bool:
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 200 and content_type.startswith("text/event-stream")
+
+
+def _whole(request: httpx.Request, response: httpx.Response, content: bytes) -> httpx.Response:
+    return httpx.Response(
+        response.status_code,
+        headers=[h for h in response.headers.multi_items() if h[0] != "content-length"],
+        content=content,
+        request=request,
+        extensions=response.extensions,
+    )
+
+
+def _streamed(
+    request: httpx.Request,
+    response: httpx.Response,
+    stream: httpx.SyncByteStream | httpx.AsyncByteStream,
+) -> httpx.Response:
+    return httpx.Response(
+        200,
+        headers=response.headers,
+        stream=stream,
+        request=request,
+        extensions=response.extensions,
+    )
+
+
+class _Resume:
+    """Where one stream stands across its connections, with no I/O: whole events to
+    hand on, the last event id, and what to do when a connection ends early."""
+
+    def __init__(self, max_attempts: int) -> None:
+        self.max_attempts = max_attempts
+        self.last_id: int | None = None
+        self.unnumbered = False  # an event came without an id: resuming is impossible
+        self.failures = 0
+        self.ended = False  # [DONE] was handed on
+        self._buffer = b""
+
+    def connected(self) -> None:
+        self._buffer = b""  # a partial event of a lost connection is never handed on
+
+    def feed(self, raw: bytes) -> bytes:
+        """Bytes of the connection → the whole events among them, to hand on."""
+        self._buffer += raw.replace(b"\r\n", b"\n")
+        *blocks, self._buffer = self._buffer.split(b"\n\n")
+        out = []
+        for block in blocks:
+            event_id, data = split_event(block)
+            if event_id is not None:
+                self.last_id = event_id
+            elif data is not None:
+                self.unnumbered = True
+            if data == b"[DONE]":
+                self.ended = True
+            out.append(block + b"\n\n")
+        if out:
+            self.failures = 0
+        return b"".join(out)
+
+    def refused(self, status: int, body: bytes) -> bytes | None:
+        """A resume answered ``status``: None to try again, else the stream's end."""
+        if status in _RETRY_STATUS:
+            return None
+        return (
+            error_event(
+                f"The stream could not be resumed: HTTP {status} "
+                + body[:300].decode(errors="replace")
+            )
+            + b"data: [DONE]\n\n"
+        )
+
+    def lost(self) -> bytes | None:
+        """The connection ended before [DONE]: None to resume after the last whole
+        event, else the stream's end (an error event and [DONE])."""
+        self.failures += 1
+        if self.unnumbered:
+            return (
+                error_event(
+                    "The stream ended early and cannot be resumed: the server numbers no "
+                    "events (is it tokenwell, and did the request carry an Idempotency-Key?)."
+                )
+                + b"data: [DONE]\n\n"
+            )
+        if self.failures >= self.max_attempts:
+            return (
+                error_event(f"The stream could not be resumed after {self.failures} attempts.")
+                + b"data: [DONE]\n\n"
+            )
+        return None
+
+
 class ResumingTransport(httpx.BaseTransport):
     def __init__(
         self,
@@ -73,29 +201,15 @@ class ResumingTransport(httpx.BaseTransport):
         self.inner.close()
 
     def _pause(self, attempt: int) -> None:
-        time.sleep(min(self.backoff * 2 ** min(attempt, 10), self.max_backoff))
+        time.sleep(_delay(self.backoff, self.max_backoff, attempt))
 
     def send(self, request: httpx.Request, last_event_id: int | None) -> httpx.Response:
-        """Send (again) with the same key: a retry, or a resume after ``last_event_id``."""
-        headers = httpx.Headers(request.headers)
-        if last_event_id is not None:
-            headers["Last-Event-ID"] = str(last_event_id)
-        else:
-            headers.pop("Last-Event-ID", None)
-        again = httpx.Request(
-            request.method,
-            request.url,
-            headers=headers,
-            content=request.content,
-            extensions=request.extensions,
-        )
-        return self.inner.handle_request(again)
+        return self.inner.handle_request(_again(request, last_event_id))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         if not _is_chat(request):
             return self.inner.handle_request(request)
-        if "idempotency-key" not in request.headers:
-            request.headers["Idempotency-Key"] = new_key()
+        _prepare(request)
         request.read()
         attempt = 0
         while True:
@@ -116,8 +230,7 @@ class ResumingTransport(httpx.BaseTransport):
                 time.sleep(_retry_after(response, self.backoff))
                 continue
             break
-        content_type = response.headers.get("content-type", "")
-        if response.status_code != 200 or not content_type.startswith("text/event-stream"):
+        if not _is_stream(response):
             try:
                 content = response.read()
             except _NETWORK:
@@ -126,20 +239,71 @@ class ResumingTransport(httpx.BaseTransport):
                 self.resumes += 1
                 return self.handle_request(request)
             response.close()
-            return httpx.Response(
-                response.status_code,
-                headers=[h for h in response.headers.multi_items() if h[0] != "content-length"],
-                content=content,
-                request=request,
-                extensions=response.extensions,
-            )
-        return httpx.Response(
-            200,
-            headers=response.headers,
-            stream=_ResumingStream(self, request, response),
-            request=request,
-            extensions=response.extensions,
-        )
+            return _whole(request, response, content)
+        return _streamed(request, response, _ResumingStream(self, request, response))
+
+
+class AsyncResumingTransport(httpx.AsyncBaseTransport):
+    """``ResumingTransport`` for ``httpx.AsyncClient`` (``openai.AsyncOpenAI``, the
+    OpenAI Agents SDK): the same retries and resumes, awaiting instead of blocking."""
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        max_attempts: int = 20,
+        backoff: float = 0.05,
+        max_backoff: float = 2.0,
+    ) -> None:
+        self.inner = transport or httpx.AsyncHTTPTransport()
+        self.max_attempts = max_attempts
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.resumes = 0
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def _pause(self, attempt: int) -> None:
+        await asyncio.sleep(_delay(self.backoff, self.max_backoff, attempt))
+
+    async def send(self, request: httpx.Request, last_event_id: int | None) -> httpx.Response:
+        return await self.inner.handle_async_request(_again(request, last_event_id))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not _is_chat(request):
+            return await self.inner.handle_async_request(request)
+        _prepare(request)
+        await request.aread()
+        attempt = 0
+        while True:
+            try:
+                response = await self.send(request, None)
+            except _NETWORK:
+                attempt += 1
+                if attempt >= self.max_attempts:
+                    raise
+                self.resumes += 1
+                await self._pause(attempt)
+                continue
+            if response.status_code in _RETRY_STATUS and attempt + 1 < self.max_attempts:
+                await response.aread()
+                await response.aclose()
+                attempt += 1
+                self.resumes += 1
+                await asyncio.sleep(_retry_after(response, self.backoff))
+                continue
+            break
+        if not _is_stream(response):
+            try:
+                content = await response.aread()
+            except _NETWORK:
+                await response.aclose()
+                self.resumes += 1
+                return await self.handle_async_request(request)
+            await response.aclose()
+            return _whole(request, response, content)
+        return _streamed(request, response, _AsyncResumingStream(self, request, response))
 
 
 def split_event(block: bytes) -> tuple[int | None, bytes | None]:
@@ -168,48 +332,28 @@ class _ResumingStream(httpx.SyncByteStream):
         self.transport = transport
         self.request = request
         self.response: httpx.Response | None = first
-        self.last_id: int | None = None
-        self.unnumbered = False  # an event came without an id: resuming is impossible
+        self.state = _Resume(transport.max_attempts)
 
     def __iter__(self) -> Iterator[bytes]:
-        failures = 0
+        state = self.state
         while True:
             response = self.response
-            ended = False
-            buffer = b""
+            state.connected()
             try:
                 if response is None:
-                    response = self.response = self.transport.send(self.request, self.last_id)
+                    response = self.response = self.transport.send(self.request, state.last_id)
                     if response.status_code != 200:
                         body = response.read()
-                        response.close()
-                        if response.status_code in _RETRY_STATUS:
-                            raise httpx.ReadError(f"resume answered {response.status_code}")
-                        yield (
-                            error_event(
-                                f"The stream could not be resumed: HTTP {response.status_code} "
-                                f"{body[:300].decode(errors='replace')}"
-                            )
-                            + b"data: [DONE]\n\n"
-                        )
-                        return
+                        end = state.refused(response.status_code, body)
+                        if end is not None:
+                            yield end
+                            return
+                        raise httpx.ReadError(f"resume answered {response.status_code}")
                 for raw in response.iter_raw():
-                    buffer += raw.replace(b"\r\n", b"\n")
-                    *blocks, buffer = buffer.split(b"\n\n")
-                    out = []
-                    for block in blocks:
-                        event_id, data = split_event(block)
-                        if event_id is not None:
-                            self.last_id = event_id
-                        elif data is not None:
-                            self.unnumbered = True
-                        if data == b"[DONE]":
-                            ended = True
-                        out.append(block + b"\n\n")
+                    out = state.feed(raw)
                     if out:
-                        failures = 0
-                        yield b"".join(out)
-                    if ended:
+                        yield out
+                    if state.ended:
                         return
             except _NETWORK:
                 pass
@@ -217,27 +361,67 @@ class _ResumingStream(httpx.SyncByteStream):
                 if response is not None:
                     response.close()
                 self.response = None
-            # The connection ended before [DONE]: resume after the last whole event.
-            failures += 1
-            if self.unnumbered:
-                yield (
-                    error_event(
-                        "The stream ended early and cannot be resumed: the server numbers no "
-                        "events (is it tokenwell, and did the request carry an Idempotency-Key?)."
-                    )
-                    + b"data: [DONE]\n\n"
-                )
-                return
-            if failures >= self.transport.max_attempts:
-                yield (
-                    error_event(f"The stream could not be resumed after {failures} attempts.")
-                    + b"data: [DONE]\n\n"
-                )
+            end = state.lost()
+            if end is not None:
+                yield end
                 return
             self.transport.resumes += 1
-            self.transport._pause(failures - 1)
+            self.transport._pause(state.failures - 1)
 
     def close(self) -> None:
         if self.response is not None:
             self.response.close()
+            self.response = None
+
+
+class _AsyncResumingStream(httpx.AsyncByteStream):
+    """``_ResumingStream`` for the async transport."""
+
+    def __init__(
+        self, transport: AsyncResumingTransport, request: httpx.Request, first: httpx.Response
+    ) -> None:
+        self.transport = transport
+        self.request = request
+        self.response: httpx.Response | None = first
+        self.state = _Resume(transport.max_attempts)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        state = self.state
+        while True:
+            response = self.response
+            state.connected()
+            try:
+                if response is None:
+                    response = self.response = await self.transport.send(
+                        self.request, state.last_id
+                    )
+                    if response.status_code != 200:
+                        body = await response.aread()
+                        end = state.refused(response.status_code, body)
+                        if end is not None:
+                            yield end
+                            return
+                        raise httpx.ReadError(f"resume answered {response.status_code}")
+                async for raw in response.aiter_raw():
+                    out = state.feed(raw)
+                    if out:
+                        yield out
+                    if state.ended:
+                        return
+            except _NETWORK:
+                pass
+            finally:
+                if response is not None:
+                    await response.aclose()
+                self.response = None
+            end = state.lost()
+            if end is not None:
+                yield end
+                return
+            self.transport.resumes += 1
+            await self.transport._pause(state.failures - 1)
+
+    async def aclose(self) -> None:
+        if self.response is not None:
+            await self.response.aclose()
             self.response = None
