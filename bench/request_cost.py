@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import uvloop
 
+from bench.apis import asgi_post
 from bench.metering import SCRIPTED
 from tokenwell.billing.keys import KeyFields
 from tokenwell.config import load_settings
@@ -37,39 +38,7 @@ BODY = orjson.dumps(
 
 
 async def _request(app: Any, key: str) -> None:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
-        "query_string": b"",
-        "root_path": "",
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 8000),
-        "headers": [
-            (b"authorization", f"Bearer {key}".encode()),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(BODY)).encode()),
-        ],
-    }
-    sent = False
-    never = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": BODY, "more_body": False}
-        await never.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        return None
-
-    await app(scope, receive, send)
+    await asgi_post(app, "/v1/chat/completions", BODY, {"Authorization": f"Bearer {key}"})
 
 
 async def measure(metering: bool, requests: int, database_url: str | None) -> dict[str, Any]:
@@ -77,12 +46,12 @@ async def measure(metering: bool, requests: int, database_url: str | None) -> di
     (work / "config.toml").write_text(
         SCRIPTED.format(metering="" if metering else "metering = false")
     )
-    env = {"TOKENWELL_MASTER_KEY": "sk-cost", "TOKENWELL_DATA_DIR": str(work / "data")}
+    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master", "TOKENWELL_DATA_DIR": str(work / "data")}
     if database_url:
         env["TOKENWELL_DATABASE_URL"] = database_url
     app = create_app(load_settings(work / "config.toml", env=env))
     async with app.router.lifespan_context(app):
-        key = "sk-cost"
+        key = "sk-cost-master"
         if metering:
             fields = KeyFields(name="cost", budget_usd=10**6, rpm=10**7, tpm=10**9)
             key, _ = await app.state.services.keys.create(
