@@ -192,7 +192,11 @@ def _run_db(
             # Changes are published to the running servers' key caches.
             changes = key_changes(settings.redis.url, db.sqlite_path)
             store = KeyStore(
-                db, KeyHasher(bootstrap.key_secret(settings)), cache_seconds=0, changes=changes
+                db,
+                KeyHasher(bootstrap.key_secret(settings)),
+                cache_seconds=0,
+                changes=changes,
+                actor=cli_spend.actor(),
             )
             try:
                 return await work(store)
@@ -370,6 +374,39 @@ def keys_revoke(config_path: Path | None, data_dir: Path | None, key_id: str) ->
     """Revoke a key: refused at once by every server on this database."""
     record = _run_db(config_path, data_dir, lambda store: store.revoke(key_id))
     out.print(_key_table([record]))
+
+
+@keys.command("rotate")
+@config_option
+@data_dir_option
+@click.argument("key_id")
+@click.option(
+    "--grace",
+    default="0",
+    show_default=True,
+    help="How long the old secret keeps working: 24h, 30m, 90s, 2d or seconds.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the new secret).")
+def keys_rotate(
+    config_path: Path | None, data_dir: Path | None, key_id: str, grace: str, as_json: bool
+) -> None:
+    """A new secret for a key (same budgets, limits and history); printed once."""
+    from tokenwell.billing.keys import parse_rotation
+
+    try:
+        rotation = parse_rotation({"grace_seconds": cli_spend.duration(grace)})
+    except APIError as exc:
+        raise click.ClickException(exc.message) from exc
+    secret, record = _run_db(
+        config_path, data_dir, lambda store: store.rotate(key_id, rotation.grace_seconds)
+    )
+    if as_json:
+        out.print_json(json.dumps({**record.public(), "key": secret}))
+        return
+    console.print(_key_table([record]))
+    console.print(f"The old secret works until {record.public()['previous_key_expires_at']}.")
+    console.print("[bold]New secret (shown only now):[/]")
+    out.print(secret, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------- usage

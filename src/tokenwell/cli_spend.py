@@ -118,3 +118,34 @@ def _budget(usd: Any, period: str) -> Any:
         return Budget.model_validate({"usd": usd, "period": period})
     except ValidationError as exc:
         raise click.ClickException(first_error(exc).message) from exc
+
+
+def actor() -> str:
+    """Who the audit trail names for a change made by this command."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli {user}@{socket.gethostname()}"
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """``24h``, ``30m``, ``90s``, ``2d`` or plain seconds."""
+    value = text.strip().lower()
+    unit = _UNITS.get(value[-1:])
+    number = value[:-1] if unit is not None else value
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise click.BadParameter(
+            f"expected a duration like 24h, 30m or 90s, got {text!r}"
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise click.BadParameter(f"expected a duration like 24h, 30m or 90s, got {text!r}")
+    return seconds

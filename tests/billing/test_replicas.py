@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -134,3 +135,31 @@ def test_one_end_user_budget_across_replicas(replicas: tuple[Server, Server]) ->
             time.sleep(0.05)
     assert Decimal(view["end_user"]["budget"]["spent_usd"]) == per_request * 4
     assert Decimal(view["spend_usd"]) == per_request * 8
+
+
+def test_a_rotated_secret_is_refused_on_both_replicas_when_its_grace_ends(
+    replicas: tuple[Server, Server],
+) -> None:
+    a, _ = replicas
+    key = a.create_key(name="rotated")
+    old = key["key"]
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "x"}]}
+    for server in replicas:  # both replicas know (and cache) the old secret
+        with server.http(key=old) as http:
+            assert http.post("/v1/chat/completions", json=body).status_code == 200
+    with a.http() as http:
+        r = http.post(f"/admin/keys/{key['id']}/rotate", json={"grace_seconds": 3})
+    assert r.status_code == 200, r.text
+    new = r.json()["key"]
+    deadline = datetime.fromisoformat(r.json()["previous_key_expires_at"]).timestamp()
+    for server in replicas:
+        for secret in (old, new):
+            with server.http(key=secret) as http:
+                response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200 or time.time() >= deadline, response.text
+    time.sleep(max(deadline - time.time(), 0) + 0.05)
+    for server in replicas:
+        with server.http(key=old) as http:
+            assert http.post("/v1/chat/completions", json=body).status_code == 401
+        with server.http(key=new) as http:
+            assert http.post("/v1/chat/completions", json=body).status_code == 200

@@ -727,6 +727,18 @@ def fuzz_admin_keys(fuzzed: Fuzzed, examples: int) -> None:
 
     run(st.tuples(bodies(created), auths), create, examples)
     run(st.tuples(bodies(fields), key_ids), patch, examples)
+    # Rotation, on a key of its own (the fuzz's key keeps its secret).
+    own = fuzzed.send("POST /admin/keys", "POST", "/admin/keys", body=b'{"name": "rotated"}')
+    rotations = from_schema(fuzzed.schemas["KeyRotation"], fuzzed.schemas)
+    rotated = st.one_of(st.just(own.json()["id"]), odd_text.filter(bool).map(lambda t: t[:2000]))
+
+    def rotate(case: tuple[bytes, str]) -> None:
+        body, key_id = case
+        raw = quote(key_id.encode("utf-8", "surrogatepass"), safe="")
+        path = f"/admin/keys/{raw}/rotate"
+        fuzzed.send("POST /admin/keys/{id}/rotate", "POST", path, body=body)
+
+    run(st.tuples(bodies(rotations), rotated), rotate, examples)
     # Listing every key still works, whatever was stored.
     listed = fuzzed.send("GET /admin/keys", "GET", "/admin/keys")
     assert listed.status_code == 200
@@ -736,7 +748,12 @@ def _query_strategy(fuzzed: Fuzzed, path: str) -> st.SearchStrategy[dict[str, st
     params = fuzzed.openapi["paths"][path]["get"]["parameters"]
     values = st.one_of(
         st.integers(-5, 2000).map(str),
-        st.sampled_from(["key", "model", "day", "key,model,day", "2026-01-01", "9999-12-31"]),
+        st.sampled_from(
+            [
+                *("key", "model", "day", "key,model,day", "2026-01-01", "9999-12-31"),
+                *("end_user", "tag:team,end_user", "tag:", "csv", "key.rotate"),
+            ]
+        ),
         # (at most 500 characters each: httpx refuses a query over 64 KiB)
         odd_text.map(lambda t: t[:500].encode("utf-8", "surrogatepass").decode("utf-8", "replace")),
     )
@@ -744,7 +761,7 @@ def _query_strategy(fuzzed: Fuzzed, path: str) -> st.SearchStrategy[dict[str, st
 
 
 def fuzz_admin_queries(fuzzed: Fuzzed, examples: int) -> None:
-    for path in ("/admin/usage", "/admin/requests"):
+    for path in ("/admin/usage", "/admin/requests", "/admin/audit", "/v1/usage"):
 
         def check(params: dict[str, str], path: str = path) -> None:
             fuzzed.send(f"GET {path}", "GET", path, params=params)
@@ -795,6 +812,8 @@ def test_openapi_document_describes_the_api(fuzzed: Fuzzed) -> None:
         "/admin/keys/{key_id}",
         "/admin/usage",
         "/admin/requests",
+        "/admin/keys/{key_id}/rotate",
+        "/admin/audit",
         "/health",
     ):
         assert path in doc["paths"], path

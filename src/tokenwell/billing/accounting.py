@@ -173,6 +173,11 @@ class Accounting:
         if record is None:
             raise AuthenticationFailed(f"Incorrect API key provided: {_masked(token)}.")
         state = record.state()
+        if state == "rotated":
+            raise AuthenticationFailed(
+                f"The API key {_masked(token)} was replaced by a new secret and its grace "
+                "period has ended."
+            )
         if state != "active":
             raise AuthenticationFailed(f"The API key {record.prefix}… is {state}.")
         return record

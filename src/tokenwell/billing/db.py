@@ -82,6 +82,24 @@ api_keys = Table(
     Column("end_user_period", String(8), nullable=True),
     Column("end_user_rpm", Integer, nullable=True),
     Column("end_user_tpm", Integer, nullable=True),
+    # The secret a rotation replaced, accepted until its grace period ends
+    # (migration 0008).
+    Column("previous_key_hash", String(64), nullable=True),
+    Column("previous_expires_at", Float, nullable=True),
+    Index("ix_api_keys_previous_key_hash", "previous_key_hash"),
+)
+
+# Who changed which key, how and when: creation, changes, rotation, revocation.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("detail", Text, nullable=True),
+    Index("ix_audit_log_key", "key_id", "id"),
 )
 
 # Per (key, end user): the spend of the current window of the key's end-user

@@ -29,9 +29,9 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, or_, select, update
 
-from tokenwell.billing import periods
+from tokenwell.billing import audit, periods
 from tokenwell.billing.db import Database, api_keys
 from tokenwell.billing.keychanges import KeyChanges
 from tokenwell.billing.money import nanos_to_usd, usd_to_nanos
@@ -96,6 +96,11 @@ class KeyRecord:
     end_user_period: str = "total"
     end_user_rpm: int | None = None
     end_user_tpm: int | None = None
+    # The secret a rotation replaced (its hash), and when it stops working.
+    previous_key_hash: str | None = None
+    previous_expires_at: float | None = None
+    # Found by that replaced secret: it works only until previous_expires_at.
+    via_previous: bool = False
 
     @property
     def is_master(self) -> bool:
@@ -123,6 +128,10 @@ class KeyRecord:
             return "revoked"
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
+        if self.via_previous and (
+            self.previous_expires_at is None or self.previous_expires_at <= now
+        ):
+            return "rotated"
         return "active"
 
     def allows(self, model: str) -> bool:
@@ -162,6 +171,7 @@ class KeyRecord:
             ),
             "end_user_rpm": self.end_user_rpm,
             "end_user_tpm": self.end_user_tpm,
+            "previous_key_expires_at": _iso(self.previous_expires_at),
         }
 
     def end_user_budget(
@@ -324,6 +334,27 @@ class KeyFields(BaseModel):
         return value
 
 
+# The longest grace a rotated secret may get: 90 days.
+MAX_GRACE_SECONDS = 90 * 24 * 3600
+
+
+class KeyRotation(BaseModel):
+    """``POST /admin/keys/{id}/rotate``: how long the old secret keeps working."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    grace_seconds: StrictInt | float = Field(default=0, ge=0, le=MAX_GRACE_SECONDS)
+
+
+def parse_rotation(data: Any) -> KeyRotation:
+    if not isinstance(data, dict):
+        raise InvalidRequest("Invalid request body: expected a JSON object.", code="invalid_type")
+    try:
+        return KeyRotation.model_validate(data)
+    except ValidationError as exc:
+        raise first_error(exc) from exc
+
+
 def parse_key_fields(data: Any, *, creating: bool) -> tuple[KeyFields, set[str]]:
     if not isinstance(data, dict):
         raise InvalidRequest("Invalid request body: expected a JSON object.", code="invalid_type")
@@ -385,7 +416,8 @@ def _columns(fields: KeyFields, given: set[str]) -> dict[str, Any]:
     return values
 
 
-def _record(row: Any) -> KeyRecord:
+def _record(row: Any, digest: str | None = None) -> KeyRecord:
+    """The key of a row; ``digest``: the secret's hash it was looked up by."""
     models = row.models
     return KeyRecord(
         id=row.id,
@@ -414,7 +446,15 @@ def _record(row: Any) -> KeyRecord:
         end_user_period=row.end_user_period or "total",
         end_user_rpm=row.end_user_rpm,
         end_user_tpm=row.end_user_tpm,
+        previous_key_hash=row.previous_key_hash,
+        previous_expires_at=row.previous_expires_at,
+        via_previous=digest is not None and row.key_hash != digest,
     )
+
+
+def _detail(fields: KeyFields, given: set[str]) -> dict[str, Any]:
+    """What a create or update set, for the audit trail."""
+    return fields.model_dump(mode="json", include=given)
 
 
 class KeyStore:
@@ -433,8 +473,11 @@ class KeyStore:
         hasher: KeyHasher,
         cache_seconds: float = 2.0,
         changes: KeyChanges | None = None,
+        actor: str = "admin",
     ) -> None:
         self.db = db
+        # Who the audit trail names for changes made through this store.
+        self.actor = actor
         self.hasher = hasher
         self.cache_seconds = cache_seconds
         self.changes = changes
@@ -442,7 +485,9 @@ class KeyStore:
         self._loading: dict[str, asyncio.Future[KeyRecord | None]] = {}
         self._forgotten: dict[str, float] = {}
 
-    async def create(self, fields: KeyFields, given: set[str]) -> tuple[str, KeyRecord]:
+    async def create(
+        self, fields: KeyFields, given: set[str], actor: str | None = None
+    ) -> tuple[str, KeyRecord]:
         secret = new_secret()
         values = _columns(fields, given)
         values.update(
@@ -453,6 +498,8 @@ class KeyStore:
         )
         async with self.db.engine.begin() as conn:
             await conn.execute(insert(api_keys).values(**values))
+            detail = _detail(fields, given)
+            await audit.record(conn, actor or self.actor, "key.create", values["id"], detail)
         return secret, await self.get(values["id"])
 
     async def list(self, include_revoked: bool = True) -> list[KeyRecord]:
@@ -479,31 +526,81 @@ class KeyStore:
             rows = (await conn.execute(select(c.id, c.timezone).where(c.id.in_(key_ids)))).all()
         return {row.id: row.timezone for row in rows}
 
-    async def update(self, key_id: str, fields: KeyFields, given: set[str]) -> KeyRecord:
+    async def update(
+        self, key_id: str, fields: KeyFields, given: set[str], actor: str | None = None
+    ) -> KeyRecord:
         values = _columns(fields, given)
         if values:
             async with self.db.engine.begin() as conn:
                 result = await conn.execute(
                     update(api_keys).where(api_keys.c.id == key_id).values(**values)
                 )
-            if result.rowcount == 0:
-                raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+                if result.rowcount == 0:
+                    raise NotFound(
+                        f"No API key with id {key_id!r}.", param="id", code="key_not_found"
+                    )
+                detail = _detail(fields, given)
+                await audit.record(conn, actor or self.actor, "key.update", key_id, detail)
         record = await self.get(key_id)
-        await self._changed(record.key_hash)
+        await self._changed_record(record)
         return record
 
-    async def revoke(self, key_id: str) -> KeyRecord:
+    async def revoke(self, key_id: str, actor: str | None = None) -> KeyRecord:
         async with self.db.engine.begin() as conn:
             result = await conn.execute(
                 update(api_keys)
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
                 .values(revoked_at=time.time())
             )
+            if result.rowcount == 1:
+                await audit.record(conn, actor or self.actor, "key.revoke", key_id, None)
         record = await self.get(key_id)  # NotFound for an unknown id
         if result.rowcount == 0 and record.revoked_at is None:  # pragma: no cover - raced
             raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
-        await self._changed(record.key_hash)
+        await self._changed_record(record)
         return record
+
+    async def rotate(
+        self, key_id: str, grace_seconds: float, actor: str | None = None
+    ) -> tuple[str, KeyRecord]:
+        """A new secret for the key: same id, budgets, limits and history. The old
+        secret keeps working for ``grace_seconds``, then is refused (a secret
+        replaced earlier stops at once: a key has at most two)."""
+        secret = new_secret()
+        now = time.time()
+        async with self.db.engine.begin() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            if row is None:
+                raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
+            if row.revoked_at is not None:
+                raise InvalidRequest(
+                    f"The API key {key_id!r} is revoked: it cannot be rotated.",
+                    param="id",
+                    code="key_revoked",
+                )
+            result = await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.key_hash == row.key_hash)
+                .values(
+                    key_hash=self.hasher.hash(secret),
+                    key_prefix=secret[:10],
+                    previous_key_hash=row.key_hash,
+                    previous_expires_at=now + grace_seconds,
+                )
+            )
+            if result.rowcount != 1:  # pragma: no cover - rotated at the same moment
+                raise InvalidRequest("The key was rotated meanwhile: try again.", param="id")
+            detail = {"grace_seconds": grace_seconds, "previous_prefix": row.key_prefix}
+            await audit.record(conn, actor or self.actor, "key.rotate", key_id, detail)
+        for digest in (row.key_hash, row.previous_key_hash):
+            if digest is not None:
+                await self._changed(digest)
+        return secret, await self.get(key_id)
+
+    async def _changed_record(self, record: KeyRecord) -> None:
+        await self._changed(record.key_hash)
+        if record.previous_key_hash is not None:
+            await self._changed(record.previous_key_hash)
 
     def listen(self) -> None:
         """Drop keys changed by other processes as they change (on the event loop)."""
@@ -570,12 +667,18 @@ class KeyStore:
 
     async def _load(self, digest: str) -> KeyRecord | None:
         loaded_at = time.monotonic()
+        c = api_keys.c
         async with self.db.engine.connect() as conn:
             row = (
-                await conn.execute(select(api_keys).where(api_keys.c.key_hash == digest))
+                await conn.execute(
+                    select(api_keys).where(or_(c.key_hash == digest, c.previous_key_hash == digest))
+                )
             ).first()
-        record = _record(row) if row is not None else None
-        if record is not None and not self.hasher.same(record.key_hash, digest):
+        record = _record(row, digest) if row is not None else None
+        if record is not None and not (
+            self.hasher.same(record.key_hash, digest)
+            or self.hasher.same(record.previous_key_hash or "", digest)
+        ):
             record = None  # pragma: no cover - the index matched, this cannot differ
         if len(self._cache) > 10_000:
             self._cache.clear()
@@ -585,6 +688,8 @@ class KeyStore:
 
     def forget(self, record: KeyRecord) -> None:
         self._drop(record.key_hash)
+        if record.previous_key_hash is not None:
+            self._drop(record.previous_key_hash)
 
     def _drop(self, digest: str) -> None:
         """Out of the cache, and no read that began before now may put it back."""

@@ -131,6 +131,8 @@ def create_app(
         Route("/admin/requests/{request_id}", admin.get_request, methods=["GET"]),
         Route("/health", health.health, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
+        Route("/admin/keys/{key_id}/rotate", admin.rotate_key, methods=["POST"]),
+        Route("/admin/audit", admin.audit_trail, methods=["GET"]),
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
     ]
     app = Starlette(

@@ -16,7 +16,7 @@ import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from tokenwell.billing.keys import KeyFields
+from tokenwell.billing.keys import KeyFields, KeyRotation
 from tokenwell.protocol import anthropic as messages_requests
 from tokenwell.protocol import completions as completions_requests
 from tokenwell.protocol import embeddings as embeddings_requests
@@ -35,6 +35,7 @@ _NAMES: dict[type[BaseModel], str] = {
     chat_requests._ToolCallIn: "ToolCall",
     chat_requests._FunctionCall: "FunctionCall",
     KeyFields: "KeyFields",
+    KeyRotation: "KeyRotation",
     completions_requests._CompletionsBody: "CompletionRequest",
     embeddings_requests._EmbeddingsBody: "EmbeddingRequest",
     messages_requests._MessagesBody: "MessagesRequest",
@@ -390,6 +391,36 @@ def _paths() -> dict[str, Any]:
                 errors=master,
                 parameters=[_path("key_id")],
             ),
+        },
+        "/admin/keys/{key_id}/rotate": {
+            "post": _operation(
+                "A new secret for the key (in the answer as `key`, once); the old one "
+                "works until grace_seconds have passed",
+                {"200": _json("Object")},
+                errors=(*master, 413),
+                body="KeyRotation",
+                parameters=[_path("key_id")],
+            )
+        },
+        "/admin/audit": {
+            "get": _operation(
+                "The audit trail of key changes, newest first",
+                {"200": _json("Object")},
+                errors=(400, 401, 403),
+                parameters=[
+                    _query("key_id", {"type": "string"}, "One key"),
+                    _query(
+                        "action",
+                        {"enum": ["key.create", "key.update", "key.rotate", "key.revoke"]},
+                        "One kind of change",
+                    ),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "How many",
+                    ),
+                ],
+            )
         },
         "/admin/usage": {
             "get": _operation(

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwell.billing.keys import parse_key_fields, parse_when
+from tokenwell.billing import audit
+from tokenwell.billing.keys import parse_key_fields, parse_rotation, parse_when
 from tokenwell.billing.usage import as_csv, parse_day, parse_group_by, request_rows
 from tokenwell.billing.usage import usage_report as report
 from tokenwell.errors import InvalidRequest, NotFound, PermissionDenied
@@ -28,11 +29,54 @@ async def _admin(request: Request) -> Services:
     return services
 
 
+def _actor(request: Request) -> str:
+    """Who the audit trail names: the master key, and where the call came from."""
+    client = request.client
+    return f"admin-api master key from {client.host if client else 'unknown'}"
+
+
+async def rotate_key(request: Request) -> Response:
+    services = await _admin(request)
+    body = await read_body(request, 64 * 1024)
+    rotation = parse_rotation(decode_json(body) if body.strip() else {})
+    secret, record = await services.keys.rotate(
+        request.path_params["key_id"], rotation.grace_seconds, _actor(request)
+    )
+    return json_response({**record.public(), "key": secret})
+
+
+async def audit_trail(request: Request) -> Response:
+    services = await _admin(request)
+    q = request.query_params
+    action = q.get("action")
+    if action is not None and action not in audit.ACTIONS:
+        raise InvalidRequest(
+            f"Invalid 'action': {action!r}. Supported values are: {', '.join(audit.ACTIONS)}.",
+            param="action",
+            code="invalid_value",
+        )
+    rows = await audit.entries(
+        services.db, key_id=q.get("key_id"), action=action, limit=_limit(q.get("limit", "100"))
+    )
+    return json_response({"object": "list", "data": rows})
+
+
+def _limit(limit: str) -> int:
+    # isascii: str.isdigit() accepts "²", which int() refuses.
+    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
+        raise InvalidRequest(
+            f"Invalid 'limit': expected an integer from 1 to 1000, got {limit!r}.",
+            param="limit",
+            code="invalid_value",
+        )
+    return int(limit)
+
+
 async def create_key(request: Request) -> Response:
     services = await _admin(request)
     data = decode_json(await read_body(request, 64 * 1024))
     fields, given = parse_key_fields(data, creating=True)
-    secret, record = await services.keys.create(fields, given)
+    secret, record = await services.keys.create(fields, given, _actor(request))
     return json_response({**record.public(), "key": secret}, status=201)
 
 
@@ -52,13 +96,15 @@ async def update_key(request: Request) -> Response:
     services = await _admin(request)
     data = decode_json(await read_body(request, 64 * 1024))
     fields, given = parse_key_fields(data, creating=False)
-    record = await services.keys.update(request.path_params["key_id"], fields, given)
+    record = await services.keys.update(
+        request.path_params["key_id"], fields, given, _actor(request)
+    )
     return json_response(record.public())
 
 
 async def revoke_key(request: Request) -> Response:
     services = await _admin(request)
-    record = await services.keys.revoke(request.path_params["key_id"])
+    record = await services.keys.revoke(request.path_params["key_id"], _actor(request))
     return json_response(record.public())
 
 
@@ -90,19 +136,11 @@ async def usage_report(request: Request) -> Response:
 async def list_requests(request: Request) -> Response:
     services = await _admin(request)
     q = request.query_params
-    limit = q.get("limit", "100")
-    # isascii: str.isdigit() accepts "²", which int() refuses.
-    if not (limit.isascii() and limit.isdigit()) or not 1 <= int(limit) <= 1000:
-        raise InvalidRequest(
-            f"Invalid 'limit': expected an integer from 1 to 1000, got {limit!r}.",
-            param="limit",
-            code="invalid_value",
-        )
     rows = await request_rows(
         services.db,
         key_id=q.get("key_id"),
         status=q.get("status"),
-        limit=int(limit),
+        limit=_limit(q.get("limit", "100")),
         model=q.get("model"),
         since=_when(q.get("since"), "since"),
         until=_when(q.get("until"), "until"),
