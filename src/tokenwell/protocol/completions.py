@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol import sse
 from tokenwell.protocol.events import Event, Failed, Finish, Meter, TextDelta
+from tokenwell.protocol.inputs import Text, texts_or_token_ids
 from tokenwell.protocol.requests import (
-    MAX_TOKEN_ID,
     ChatRequest,
     Stop,
     StreamOptions,
@@ -30,7 +30,7 @@ from tokenwell.protocol.requests import (
     _stop,
     decode_object,
 )
-from tokenwell.protocol.validation import first_error, json_type_name
+from tokenwell.protocol.validation import first_error
 
 API = "completions"
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -71,7 +71,7 @@ class _CompletionsBody(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
 
 
-Prompt = str | tuple[int, ...]
+Prompt = Text
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,46 +96,6 @@ class CompletionsRequest:
         return [r.prompt for r in self.requests]  # type: ignore[misc]
 
 
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    )
-
-
-def _prompts(raw: Any) -> list[Prompt]:
-    """OpenAI's four shapes: a string, a list of strings, token ids, lists of token ids."""
-    if isinstance(raw, str):
-        prompts: list[Prompt] = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(p, str) for p in raw):
-        prompts = list(raw)
-    elif isinstance(raw, list) and raw and _is_token_ids(raw):
-        prompts = [tuple(raw)]
-    elif isinstance(raw, list) and raw and all(_is_token_ids(p) and p for p in raw):
-        prompts = [tuple(p) for p in raw]
-    else:
-        got = "an empty array" if raw == [] else json_type_name(raw)
-        raise InvalidRequest(
-            "Invalid 'prompt': expected a string, an array of strings, an array of token "
-            f"ids or an array of arrays of token ids, got {got}.",
-            param="prompt",
-            code="invalid_type",
-        )
-    if len(prompts) > MAX_PROMPTS:
-        raise InvalidRequest(
-            f"Invalid 'prompt': at most {MAX_PROMPTS} prompts per request, got {len(prompts)}.",
-            param="prompt",
-            code="array_above_max_length",
-        )
-    for p in prompts:
-        if isinstance(p, tuple) and any(t < 0 or t > MAX_TOKEN_ID for t in p):
-            raise InvalidRequest(
-                f"Invalid 'prompt': token ids are 0 to {MAX_TOKEN_ID}.",
-                param="prompt",
-                code="invalid_value",
-            )
-    return prompts
-
-
 def parse_completions_request(body: bytes) -> CompletionsRequest:
     data = decode_object(body)
     if "prompt" not in data:
@@ -148,7 +108,7 @@ def parse_completions_request(body: bytes) -> CompletionsRequest:
         body = _CompletionsBody.model_validate(data)
     except ValidationError as exc:
         raise first_error(exc) from exc
-    prompts = _prompts(body.prompt)
+    prompts = texts_or_token_ids(body.prompt, "prompt", MAX_PROMPTS, empty_text=True)
     if body.stream_options is not None and not body.stream:
         raise InvalidRequest(
             "Invalid 'stream_options': only allowed when 'stream' is true.",

@@ -11,8 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenwell.errors import InvalidRequest
-from tokenwell.protocol.requests import MAX_TOKEN_ID, ChatRequest, decode_object
-from tokenwell.protocol.validation import first_error, json_type_name
+from tokenwell.protocol.inputs import Text, texts_or_token_ids
+from tokenwell.protocol.requests import ChatRequest, decode_object
+from tokenwell.protocol.validation import first_error
 
 API = "embeddings"
 MAX_INPUTS = 2048  # as OpenAI
@@ -28,7 +29,7 @@ class _EmbeddingsBody(BaseModel):
     user: Annotated[str, Field(max_length=256)] | None = None
 
 
-Input = str | tuple[int, ...]
+Input = Text
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,53 +44,6 @@ class EmbeddingsRequest:
         return self.request.model
 
 
-def _is_ids(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
-    )
-
-
-def _inputs(raw: Any) -> list[Input]:
-    """OpenAI's four shapes: a string, strings, token ids, lists of token ids."""
-    if isinstance(raw, str):
-        inputs: list[Input] = [raw]
-    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
-        inputs = list(raw)
-    elif _is_ids(raw):
-        inputs = [tuple(raw)]
-    elif isinstance(raw, list) and raw and all(_is_ids(x) for x in raw):
-        inputs = [tuple(x) for x in raw]
-    else:
-        got = "an empty array" if raw == [] else json_type_name(raw)
-        raise InvalidRequest(
-            "Invalid 'input': expected a string, an array of strings, an array of token ids "
-            f"or an array of arrays of token ids, got {got}.",
-            param="input",
-            code="invalid_type",
-        )
-    if len(inputs) > MAX_INPUTS:
-        raise InvalidRequest(
-            f"Invalid 'input': at most {MAX_INPUTS} inputs per request, got {len(inputs)}.",
-            param="input",
-            code="array_above_max_length",
-        )
-    for i, item in enumerate(inputs):
-        where = "input" if len(inputs) == 1 else f"input.[{i}]"
-        if item == "":
-            raise InvalidRequest(
-                f"Invalid '{where}': an input cannot be empty.", param=where, code="invalid_value"
-            )
-        if isinstance(item, tuple) and any(t < 0 or t > MAX_TOKEN_ID for t in item):
-            raise InvalidRequest(
-                f"Invalid '{where}': token ids are 0 to {MAX_TOKEN_ID}.",
-                param=where,
-                code="invalid_value",
-            )
-    return inputs
-
-
 def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
     data = decode_object(body)
     if "input" not in data:
@@ -102,7 +56,7 @@ def parse_embeddings_request(body: bytes) -> EmbeddingsRequest:
         parsed = _EmbeddingsBody.model_validate(data)
     except ValidationError as exc:
         raise first_error(exc) from exc
-    inputs = _inputs(parsed.input)
+    inputs = texts_or_token_ids(parsed.input, "input", MAX_INPUTS, empty_text=False)
     request = ChatRequest(model=parsed.model, messages=(), user=parsed.user, raw=data, api=API)
     return EmbeddingsRequest(request, inputs, parsed.encoding_format, parsed.dimensions)
 
