@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.schemas import check_schema_shape
-from tokenwell.protocol.validation import first_error, json_type_name, one_of
+from tokenwell.protocol.validation import first_error, json_type_name, one_of, require_object
 
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # A logit_bias key: a token id in ASCII digits (str.isdigit() also takes "²", which
@@ -477,13 +477,7 @@ def _unanswered(pending: dict[str, int], index: int) -> None:
 
 def _message(item: Any, i: int) -> _Strict:
     where = f"messages.[{i}]"
-    if not isinstance(item, dict):
-        raise InvalidRequest(
-            f"Invalid type for '{where}': expected an object, but got "
-            f"{json_type_name(item)} instead.",
-            param=where,
-            code="invalid_type",
-        )
+    require_object(item, where)
     role = item.get("role")
     model = _ROLE_MODELS.get(role) if isinstance(role, str) else None
     if model is None:

@@ -38,7 +38,7 @@ from tokenwell.protocol.events import (
     ToolCallStart,
 )
 from tokenwell.protocol.requests import ChatRequest, decode_object, validate_chat_request
-from tokenwell.protocol.validation import first_error, json_type_name
+from tokenwell.protocol.validation import first_error, json_type_name, require_object
 
 # Tools OpenAI runs itself: tokenwell cannot, so they are not offered to the model.
 HOSTED_TOOLS = frozenset(
@@ -251,13 +251,7 @@ def _parts(content: Any, where: str) -> list[dict[str, Any]]:
     parts = []
     for j, part in enumerate(content):
         pw = f"{where}.[{j}]"
-        if not isinstance(part, dict):
-            raise InvalidRequest(
-                f"Invalid type for '{pw}': expected an object, but got "
-                f"{json_type_name(part)} instead.",
-                param=pw,
-                code="invalid_type",
-            )
+        require_object(part, pw)
         kind = part.get("type")
         if kind in _REFUSED_PARTS:
             raise InvalidRequest(
@@ -288,13 +282,7 @@ _ROLES = ("user", "assistant", "system", "developer")
 
 
 def _item(item: Any, where: str) -> dict[str, Any]:
-    if not isinstance(item, dict):
-        raise InvalidRequest(
-            f"Invalid type for '{where}': expected an object, but got "
-            f"{json_type_name(item)} instead.",
-            param=where,
-            code="invalid_type",
-        )
+    require_object(item, where)
     kind = item.get("type", "message" if "role" in item else None)
     if kind == "message":
         role = item.get("role")

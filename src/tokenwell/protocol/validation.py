@@ -75,6 +75,18 @@ def json_type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def require_object(value: Any, where: str) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else the 400 OpenAI answers, naming ``where``."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"Invalid type for '{where}': expected an object, but got "
+            f"{json_type_name(value)} instead.",
+            param=where,
+            code="invalid_type",
+        )
+    return value
+
+
 def param_path(loc: Sequence[int | str]) -> str:
     parts: list[str] = []
     for item in loc:
