@@ -19,9 +19,11 @@ from sqlalchemy.exc import ArgumentError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import Route
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from tokenwell.billing.accounting import Accounting
+from tokenwell.billing.alerts import AlertDelivery, AlertWriter
 from tokenwell.billing.db import Database
 from tokenwell.billing.idempotency import IdempotencyStore
 from tokenwell.billing.journal import Journal
@@ -44,6 +46,8 @@ from tokenwell.moderation import ContentPolicy
 from tokenwell.server import bootstrap, startup
 from tokenwell.server.chat import ChatService, ModelRegistry
 from tokenwell.server.completions import CompletionsService
+from tokenwell.server.dashboard import views as dashboard
+from tokenwell.server.dashboard.session import Sessions
 from tokenwell.server.embeddings import EmbeddingsService
 from tokenwell.server.errors import ErrorBoundary, api_error, client_gone, http_error
 from tokenwell.server.idempotent import IdempotencyService
@@ -84,6 +88,8 @@ class Services:
     messages: MessagesService | None = None
     completions: CompletionsService | None = None
     embeddings: EmbeddingsService | None = None
+    # The dashboard's sign-ins (server.dashboard.session).
+    sessions: Sessions | None = None
 
 
 def create_app(
@@ -126,14 +132,35 @@ def create_app(
         Route("/admin/keys/{key_id}", admin.get_key, methods=["GET"]),
         Route("/admin/keys/{key_id}", admin.update_key, methods=["PATCH"]),
         Route("/admin/keys/{key_id}", admin.revoke_key, methods=["DELETE"]),
+        Route("/admin/keys/{key_id}/rotate", admin.rotate_key, methods=["POST"]),
+        Route("/admin/audit", admin.audit_trail, methods=["GET"]),
+        Route("/admin/alerts", admin.alert_outbox, methods=["GET"]),
         Route("/admin/usage", admin.usage_report, methods=["GET"]),
         Route("/admin/requests", admin.list_requests, methods=["GET"]),
         Route("/admin/requests/{request_id}", admin.get_request, methods=["GET"]),
         Route("/health", health.health, methods=["GET"]),
         Route("/metrics", health.metrics, methods=["GET"]),
-        Route("/admin/keys/{key_id}/rotate", admin.rotate_key, methods=["POST"]),
-        Route("/admin/audit", admin.audit_trail, methods=["GET"]),
         Route("/openapi.json", openapi.openapi, methods=["GET"]),
+        # The operator's dashboard and the chat page: HTML, assets from the package.
+        Route("/", dashboard.chat_page, methods=["GET"]),
+        Route("/chat", dashboard.chat_page, methods=["GET"]),
+        Route("/dashboard", dashboard.overview, methods=["GET"]),
+        Route("/dashboard/login", dashboard.login_page, methods=["GET"]),
+        Route("/dashboard/login", dashboard.login, methods=["POST"]),
+        Route("/dashboard/logout", dashboard.logout, methods=["POST"]),
+        Route("/dashboard/keys", dashboard.keys_page, methods=["GET"]),
+        Route("/dashboard/keys", dashboard.create_key, methods=["POST"]),
+        Route("/dashboard/keys/{key_id}", dashboard.update_key, methods=["POST"]),
+        Route("/dashboard/keys/{key_id}/revoke", dashboard.revoke_key, methods=["POST"]),
+        Route("/dashboard/requests", dashboard.requests_page, methods=["GET"]),
+        Route("/dashboard/requests/{request_id}", dashboard.request_page, methods=["GET"]),
+        Route("/dashboard/live", dashboard.live, methods=["GET"]),
+        Route("/dashboard/models", dashboard.models_page, methods=["GET"]),
+        Mount(
+            "/assets",
+            StaticFiles(packages=[("tokenwell.server.dashboard", "static")]),
+            name="assets",
+        ),
     ]
     app = Starlette(
         routes=routes,
@@ -160,7 +187,8 @@ async def _running(
     try:
         instance = bootstrap.claim_instance(settings)
         master, master_file = bootstrap.master_key(settings)
-        hasher = KeyHasher(bootstrap.key_secret(settings))
+        secret = bootstrap.key_secret(settings)
+        hasher = KeyHasher(secret)
     except OSError as exc:
         raise StartupFailed(
             f"cannot use the data directory {settings.data_path}: {exc.strerror or exc} "
@@ -178,6 +206,9 @@ async def _running(
         RedisRateLimiter(settings.redis.url) if settings.redis.url else LocalRateLimiter()
     )
     ledger = Ledger(db, max_batch=settings.database.batch_max_rows)
+    alerts = AlertDelivery(db, settings.alerts) if settings.alerts is not None else None
+    if alerts is not None and settings.alerts is not None:
+        ledger.alerts, ledger.on_alerts = AlertWriter(settings.alerts.thresholds), alerts.wake
     engines = engines if engines is not None else [create_engine(m) for m in settings.models]
     journal: Journal | None = None
     idempotency: IdempotencyService | None = None
@@ -195,6 +226,8 @@ async def _running(
         except Exception as exc:
             raise startup.migration_refused(settings.database_url, exc) from exc
         await ledger.start()
+        if alerts is not None:
+            alerts.start()
         keys = KeyStore(db, hasher, changes=changes)
         keys.listen()  # keys changed elsewhere leave the cache at once
         prices = {m.name: m.price for m in settings.models}
@@ -246,6 +279,7 @@ async def _running(
             master_key_file=master_file,
             recovered=recovered,
             on_fatal=on_fatal,
+            sessions=Sessions(secret),
         )
         services.messages = MessagesService(services.chat)
         services.completions = CompletionsService(services.chat)
@@ -273,6 +307,8 @@ async def _running(
         while journal is not None and journal.live and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await ledger.stop()
+        if alerts is not None:
+            await alerts.stop()
         if journal is not None:
             journal.close()
         await limiter.close()

@@ -1,0 +1,1 @@
+"""The operator's dashboard (``/dashboard``) and the key holder's chat page (``/``)."""
