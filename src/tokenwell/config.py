@@ -98,6 +98,32 @@ class RedisConfig(BaseModel):
     url: str | None = None
 
 
+class AlertsConfig(BaseModel):
+    """``[alerts]``: webhooks when spend crosses a share of a budget, or a key is
+    about to expire (billing.alerts)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://")
+    # Each delivery's body is signed: X-Tokenwell-Signature: sha256=HMAC-SHA256(secret, body).
+    secret: str = Field(min_length=8)
+    # Shares of a budget whose crossing is announced (a key's own budgets, and
+    # each end user's).
+    thresholds: list[Annotated[float, Field(gt=0, le=10)]] = Field(
+        default_factory=lambda: [0.5, 0.8, 1.0], max_length=20
+    )
+    # A key expiring within this many seconds is announced once.
+    expiry_warning_seconds: float = Field(default=3 * 86400, ge=0)
+    # Delivery: at least once, retried with exponential backoff from this many
+    # seconds (at most 5 minutes apart), given up after max_attempts.
+    retry_base_seconds: float = Field(default=2.0, gt=0, le=300)
+    max_attempts: int = Field(default=20, ge=1)
+    timeout_seconds: float = Field(default=10.0, gt=0)
+    # How often a server looks for due deliveries and expiring keys.
+    poll_seconds: float = Field(default=1.0, gt=0)
+    expiry_scan_seconds: float = Field(default=60.0, gt=0)
+
+
 class IdempotencyConfig(BaseModel):
     """``Idempotency-Key`` requests and resumable streams (server.idempotent)."""
 
@@ -175,6 +201,7 @@ class Settings(BaseModel):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     http: HTTPConfig = Field(default_factory=HTTPConfig)
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
+    alerts: AlertsConfig | None = None
     models: list[ModelConfig] = Field(
         default_factory=lambda: [ModelConfig(name=DEFAULT_MODEL, engine="llamacpp")]
     )

@@ -761,7 +761,7 @@ def _query_strategy(fuzzed: Fuzzed, path: str) -> st.SearchStrategy[dict[str, st
 
 
 def fuzz_admin_queries(fuzzed: Fuzzed, examples: int) -> None:
-    for path in ("/admin/usage", "/admin/requests", "/admin/audit", "/v1/usage"):
+    for path in ("/admin/usage", "/admin/requests", "/admin/audit", "/admin/alerts", "/v1/usage"):
 
         def check(params: dict[str, str], path: str = path) -> None:
             fuzzed.send(f"GET {path}", "GET", path, params=params)
@@ -814,6 +814,7 @@ def test_openapi_document_describes_the_api(fuzzed: Fuzzed) -> None:
         "/admin/requests",
         "/admin/keys/{key_id}/rotate",
         "/admin/audit",
+        "/admin/alerts",
         "/health",
     ):
         assert path in doc["paths"], path

@@ -87,6 +87,28 @@ api_keys = Table(
     Column("previous_key_hash", String(64), nullable=True),
     Column("previous_expires_at", Float, nullable=True),
     Index("ix_api_keys_previous_key_hash", "previous_key_hash"),
+    # The expiry an "expiring" alert was written for (migration 0009).
+    Column("expiry_alerted", Float, nullable=True),
+)
+
+# Alerts to deliver (billing.alerts): written in the transaction of the change
+# that caused them (a close's spend, a key found expiring), then delivered at
+# least once, retried with backoff; ``body`` is sent as it is on every attempt.
+alert_outbox = Table(
+    "alert_outbox",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("event", String(32), nullable=False),
+    Column("key_id", String(40), nullable=True),
+    Column("body", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("lease_until", Float, nullable=True),
+    Column("delivered_at", Float, nullable=True),
+    Column("failed_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Index("ix_alert_outbox_due", "next_attempt_at"),
 )
 
 # Who changed which key, how and when: creation, changes, rotation, revocation.

@@ -36,6 +36,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tokenwell.billing import claims, endusers, periods, pgbatch
+from tokenwell.billing.alerts import AlertWriter
 from tokenwell.billing.budgets import RESERVE as _RESERVE
 from tokenwell.billing.budgets import SPEND as _SPEND
 from tokenwell.billing.budgets import refusal, window_params
@@ -346,6 +347,10 @@ class Ledger:
         self._sqlite: dict[bool, Connection] = {}
         self._pg: tuple[AsyncConnection, AsyncConnection] | None = None
         self._checkpointer = Checkpointer(db) if db.dialect == "sqlite" else None
+        # Budget alerts written by closes (billing.alerts), and who to tell
+        # once a commit wrote some.
+        self.alerts: AlertWriter | None = None
+        self.on_alerts: Callable[[], None] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
@@ -543,6 +548,10 @@ class Ledger:
                 results = await loop.run_in_executor(self._thread, self._commit_sqlite, batch, True)
         self.batches += 1
         self.rows += len(batch)
+        if self.alerts is not None and self.alerts.written:
+            self.alerts.written = 0
+            if self.on_alerts is not None:
+                self.on_alerts()
         return results
 
     def _commit_sqlite(self, batch: list[_Op], wait: bool) -> list[Any] | None:
@@ -632,6 +641,8 @@ class Ledger:
             return None  # claims, and their ends: the transaction takes them
         if any(r.end_user is not None for r in (*opens, *closes)):
             return None  # end users' budgets: the transaction takes them
+        if closes and self.alerts is not None:
+            return None  # alerts are written in the closes' transaction
         keys = {r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID}
         if len(keys) > 1:
             return None
@@ -829,6 +840,8 @@ class Ledger:
                 totals[0] += row.cost_nanos
                 totals[1] += row.reserved_nanos
         endusers.spend(conn, [(*group, cost, res) for group, (cost, res) in sorted(users.items())])
+        if self.alerts is not None and (spend or users):
+            self.alerts.after_spend(conn, spend, users)
 
     def _close_open(self, conn: Connection, rows: list[CloseRow]) -> set[str]:
         """Close those of ``rows`` still open; the ids this closed."""

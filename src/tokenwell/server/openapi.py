@@ -422,6 +422,20 @@ def _paths() -> dict[str, Any]:
                 ],
             )
         },
+        "/admin/alerts": {
+            "get": _operation(
+                "Alerts (budget thresholds, expiring keys), newest first, with their delivery",
+                {"200": _json("Object")},
+                errors=(400, 401, 403),
+                parameters=[
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "How many",
+                    ),
+                ],
+            )
+        },
         "/admin/usage": {
             "get": _operation(
                 "The spend report",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenwell.billing import audit
+from tokenwell.billing import alerts, audit
 from tokenwell.billing.keys import parse_key_fields, parse_rotation, parse_when
 from tokenwell.billing.usage import as_csv, parse_day, parse_group_by, request_rows
 from tokenwell.billing.usage import usage_report as report
@@ -58,6 +58,12 @@ async def audit_trail(request: Request) -> Response:
     rows = await audit.entries(
         services.db, key_id=q.get("key_id"), action=action, limit=_limit(q.get("limit", "100"))
     )
+    return json_response({"object": "list", "data": rows})
+
+
+async def alert_outbox(request: Request) -> Response:
+    services = await _admin(request)
+    rows = await alerts.outbox(services.db, limit=_limit(request.query_params.get("limit", "100")))
     return json_response({"object": "list", "data": rows})
 
 
