@@ -5,6 +5,7 @@ every page, at desktop and phone widths, are saved under the test's tmp dir."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
@@ -16,7 +17,14 @@ import httpx
 import openai
 import pytest
 
-from tests.support import MASTER, SCRIPTED_CONFIG, Server, ledger_row
+from tests.support import (
+    MASTER,
+    SCRIPTED_CONFIG,
+    FakeUpstream,
+    Server,
+    gateway_config,
+    ledger_row,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 pytestmark = [
@@ -351,3 +359,25 @@ def test_the_chat_page_with_the_real_model(
     assert answer.strip()
     assert f"+ {row['completion_tokens']} completion tokens" in meta
     shot(browser, tmp_path, "chat-real-model")
+
+
+def test_the_models_page_shows_each_upstreams_health(tmp_path: Path) -> None:
+    """Signed in over plain HTTP (no browser needed): an upstream that answers and
+    one that refuses the gateway's credentials, side by side."""
+    good = FakeUpstream(tmp_path)
+    locked = FakeUpstream(tmp_path, api_key="the-upstream-key")
+    config = gateway_config({"gw": f'["{good.url}", "{locked.url}"]'})
+    try:
+        with Server(tmp_path / "gw", config) as server, httpx.Client(base_url=server.base) as http:
+            signed = http.post("/dashboard/login", data={"master_key": MASTER})
+            assert signed.status_code == 303 and "tw_session" in http.cookies
+            page = http.get("/dashboard/models")
+    finally:
+        good.stop()
+        locked.stop()
+    assert page.status_code == 200
+    section = page.text.split('data-model="gw"', 1)[1]
+    assert good.url in section and locked.url in section
+    assert "healthy" in section and "unhealthy" in section
+    assert "answered 401" in section and "set api_key for this URL" in section
+    assert re.search(r"<td>[0-9.,]+ ms</td>", section)  # the health check's latency

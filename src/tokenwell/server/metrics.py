@@ -51,13 +51,21 @@ class _EngineStats(Collector):
             "Requests an upstream replica is serving now",
             labels=["model", "url"],
         )
+        latency = GaugeMetricFamily(
+            "tokenwell_upstream_health_check_seconds",
+            "How long an upstream replica's last health check took to answer",
+            labels=["model", "url"],
+        )
         for model, values in stats.items():
             for replica in values.get("upstreams") or ():
                 url = str(replica.get("url", ""))
                 healthy.add_metric([model, url], 1.0 if replica.get("healthy") else 0.0)
                 outstanding.add_metric([model, url], float(replica.get("outstanding", 0)))
+                if replica.get("health_ms") is not None:
+                    latency.add_metric([model, url], float(replica["health_ms"]) / 1000)
         yield healthy
         yield outstanding
+        yield latency
 
 
 class _EngineTimings(Collector):

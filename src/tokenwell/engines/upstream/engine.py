@@ -101,6 +101,7 @@ class UpstreamEngine(Engine):
                     "healthy": r.healthy,
                     "outstanding": r.outstanding,
                     "served": r.served,
+                    "health_ms": r.health_ms,
                     **({"error": r.last_error} if r.last_error else {}),
                 }
                 for r in self.pool.replicas

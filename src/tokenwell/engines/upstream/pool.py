@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -30,6 +31,8 @@ class Replica:
     healthy: bool = True
     served: int = 0
     last_error: str | None = None
+    # How long its last health check took to answer, in ms (None: no answer).
+    health_ms: float | None = None
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -77,6 +80,8 @@ class Pool:
         replica.last_error = reason
 
     async def check(self, replica: Replica) -> None:
+        began = time.perf_counter()
+        replica.health_ms = None
         try:
             async with self.client.get(
                 f"{replica.url}/models",
@@ -84,6 +89,7 @@ class Pool:
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as response:
                 await response.read()
+                replica.health_ms = round((time.perf_counter() - began) * 1000, 2)
                 ok = response.status == 200
                 reason = None if ok else _refusal(response.status, replica)
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -53,7 +53,9 @@ _env.filters["usd"] = lambda v: "-" if v is None else f"${float(v):,.6f}".rstrip
 _env.filters["when"] = lambda ts: (
     "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(ts)))
 )
-_env.filters["ms"] = lambda v: "-" if v is None else f"{float(v):,.0f} ms"
+_env.filters["ms"] = lambda v: (
+    "-" if v is None else (f"{float(v):.1f} ms" if float(v) < 10 else f"{float(v):,.0f} ms")
+)
 _env.filters["num"] = lambda v: "-" if v is None else f"{int(v):,}"
 
 
