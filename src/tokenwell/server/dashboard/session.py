@@ -65,7 +65,7 @@ class Sessions:
     def current(self, request: Request) -> Session | None:
         cookie = request.cookies.get(COOKIE, "")
         payload, _, signature = cookie.rpartition(".")
-        if not payload or not hmac.compare_digest(signature, self._sign(payload)):
+        if not payload or not _same(signature, self._sign(payload)):
             return None
         expires, _, nonce = payload.partition(".")
         if not expires.isdigit() or int(expires) <= time.time():
@@ -79,7 +79,7 @@ class Sessions:
         origin = request.headers.get("origin")
         if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
             return False
-        return token is not None and hmac.compare_digest(token, self.csrf(session))
+        return token is not None and _same(token, self.csrf(session))
 
     async def failed(self, client: str) -> None:
         """A wrong master key from ``client``: wait before answering, longer each time."""
@@ -92,3 +92,8 @@ class Sessions:
 
     def succeeded(self, client: str) -> None:
         self._failures.pop(client, None)
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time, and any text a client sends (compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode())
