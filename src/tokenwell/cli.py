@@ -161,6 +161,17 @@ def _welcome(app: Any, settings: Settings, config_path: Path | None, data_dir: P
     where = f" --config {config_path}" if config_path else ""
     if data_dir:
         where += f" --data-dir {data_dir}"
+    free = [
+        e.model_id
+        for e in services.models
+        if not (e.config.price.prompt or e.config.price.completion)
+    ]
+    if free:
+        console.print(
+            f"  price: {', '.join(free)} {'is' if len(free) == 1 else 'are'} free (no price in "
+            "[[models]]): requests are counted, budgets are never spent"
+        )
+    console.print(f"  dashboard: {url}/dashboard (the master key)   chat: {url}/")
     console.print(f"  create an API key:   tokenwell keys create --name me{where}")
     console.print(
         "  first request:\n"

@@ -93,6 +93,9 @@ def test_text_lines_per_request_and_refusal(tmp_path: Path) -> None:
     with Server(tmp_path, CONFIG) as server:
         ids = _traffic(server)
         log = _wait_for(server, f"[{ids['left']}]")
+    # The banner says which models bill nothing (no price): a budget is never spent on them.
+    assert "price: scripted-slow is free" in log
+    assert "/dashboard" in log
     lines = log.splitlines()
     done = next(ln for ln in lines if f"[{ids['ok']}]" in ln and "request completed" in ln)
     assert "INFO tokenwell.requests" in done
