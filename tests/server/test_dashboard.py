@@ -4,7 +4,6 @@ every page, at desktop and phone widths, are saved under the test's tmp dir."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import threading
@@ -46,8 +45,8 @@ DESKTOP, PHONE = (1280, 900), (390, 844)
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager: never download a driver
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[webdriver.Chrome]:
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager: never download a driver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in (
