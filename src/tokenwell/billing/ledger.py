@@ -178,6 +178,8 @@ class CloseRow:
             "r_day": self.windows.day,
             "r_week": self.windows.week,
             "r_month": self.windows.month,
+            "r_user": self.end_user,
+            "r_uw": self.end_user_window,
         }
 
 
@@ -221,6 +223,28 @@ def _first_closes(closes: list[CloseRow], results: dict[int, Any]) -> list[Close
             seen.add(row.id)
             todo.append(row)
     return todo
+
+
+_MIXED: tuple[list[dict[str, Any]], int] = ([], -1)
+
+
+def _end_users(rows: list[OpenRow]) -> tuple[list[dict[str, Any]], int] | None:
+    """The end users' reservations of one key's opens: ([{u, w, amt}], their
+    limit), or None when none has one to make."""
+    amounts: dict[tuple[str, float], int] = defaultdict(int)
+    limits = set()
+    for row in rows:
+        if row.end_user is not None and row.user is not None:
+            amounts[row.user, row.end_user.window] += row.reserved_nanos
+            limits.add(row.end_user.limit_nanos)
+    if not amounts:
+        return None
+    if len(limits) > 1 or len({u for u, _ in amounts}) < len(amounts):
+        # The limit changed, or one end user across two windows, within the batch:
+        # the statement cannot take it (the transaction path does).
+        return _MIXED
+    users = [{"u": u, "w": w, "amt": amt} for (u, w), amt in sorted(amounts.items())]
+    return users, limits.pop()
 
 
 def _admitted(row: OpenRow, admission: Admission) -> bool:
@@ -639,8 +663,6 @@ class Ledger:
         closes = [op.row for op in batch if type(op.row) is CloseRow]
         if len(opens) + len(closes) < len(batch) or any(r.claim is not None for r in opens):
             return None  # claims, and their ends: the transaction takes them
-        if any(r.end_user is not None for r in (*opens, *closes)):
-            return None  # end users' budgets: the transaction takes them
         if closes and self.alerts is not None:
             return None  # alerts are written in the closes' transaction
         keys = {r.key_id for r in (*opens, *closes) if r.key_id != MASTER_ID}
@@ -659,7 +681,8 @@ class Ledger:
         if opens:
             values = [row.values() for row in opens]
             checked = [r for r in opens if r.status == "open" and r.check_key and r.key_id == key]
-            if len({r.windows for r in checked}) > 1:  # across a midnight: row by row
+            users = _end_users(checked)
+            if len({r.windows for r in checked}) > 1 or users is _MIXED:  # row by row
                 with conn.begin():
                     self._open_rows(conn, opens, results)
                 return [results[id(op.row)] for op in batch]
@@ -674,7 +697,10 @@ class Ledger:
                     k_amount=sum(r.reserved_nanos for r in checked),
                     **window_params(checked[0].windows),
                 )
-                inserted = auto.exec_driver_sql(pgbatch.RESERVE_AND_OPEN, params).rowcount
+                if users is None:  # no end user's budget to reserve on: one statement
+                    inserted = auto.exec_driver_sql(pgbatch.RESERVE_AND_OPEN, params).rowcount
+                else:
+                    inserted = self._reserve_users_and_open(conn, params, len(opens), *users)
             if inserted == len(opens):
                 for row in opens:
                     results[id(row)] = Admission(True)
@@ -682,6 +708,24 @@ class Ledger:
                 with conn.begin():
                     self._open_rows(conn, opens, results)
         return [results[id(op.row)] for op in batch]
+
+    @staticmethod
+    def _reserve_users_and_open(
+        conn: Connection,
+        params: dict[str, Any],
+        rows: int,
+        users: list[dict[str, Any]],
+        limit: int,
+    ) -> int:
+        """Reserve on the key and its end users and insert the rows, in one
+        statement in a transaction that commits only if all of them fit."""
+        params.update(users=orjson.dumps(users).decode(), n_users=len(users), lim=limit)
+        with conn.begin() as transaction:
+            result = conn.exec_driver_sql(pgbatch.RESERVE_USERS_AND_OPEN, params)
+            inserted = int(result.scalar_one())
+            if inserted != rows:
+                transaction.rollback()
+        return inserted
 
     def _commit_sync(self, conn: Connection, batch: list[_Op]) -> list[Any]:
         """One transaction for the whole batch, with a handful of statements.

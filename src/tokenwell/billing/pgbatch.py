@@ -46,6 +46,32 @@ RESERVE_AND_OPEN = (
     f"WITH reserved AS ({_RESERVE}) " + _INSERT + " WHERE EXISTS (SELECT 1 FROM reserved)"
 )
 
+# The same, with the batch's end users' reservations (``users``: one JSON row
+# per end user, {u, w, amt}; every end user of a key has the same limit,
+# ``lim``): the key's row first (the end users' wait for it), then each end
+# user's row, and the requests only when every one of them had room. Its
+# answer: how many requests were inserted. Run in a transaction, rolled back
+# unless that is all of them (then the ledger goes row by row).
+_ROLLED = (
+    "CASE WHEN end_user_spend.window_start < excluded.window_start THEN 0"
+    " ELSE end_user_spend.spent_nanos END"
+)
+RESERVE_USERS_AND_OPEN = (
+    f"WITH reserved AS ({_RESERVE}), users AS ("
+    " INSERT INTO end_user_spend (key_id, end_user, window_start, spent_nanos, reserved_nanos)"
+    " SELECT %(k_id)s, v.u, v.w, 0, v.amt FROM json_to_recordset(%(users)s::json)"
+    " AS v(u varchar, w float8, amt bigint)"
+    " WHERE EXISTS (SELECT 1 FROM reserved) AND v.amt <= %(lim)s"
+    " ON CONFLICT (key_id, end_user) DO UPDATE SET"
+    f" spent_nanos = {_ROLLED},"
+    " window_start = greatest(end_user_spend.window_start, excluded.window_start),"
+    " reserved_nanos = end_user_spend.reserved_nanos + excluded.reserved_nanos"
+    f" WHERE {_ROLLED} + end_user_spend.reserved_nanos + excluded.reserved_nanos <= %(lim)s"
+    " RETURNING 1), opened AS (" + _INSERT + " WHERE EXISTS (SELECT 1 FROM reserved)"
+    " AND (SELECT count(*) FROM users) = %(n_users)s RETURNING 1) "
+    "SELECT count(*) FROM opened"
+)
+
 
 def _type(column: str) -> str:
     return str(requests.c[column].type.compile(dialect=postgresql.dialect()))
@@ -54,15 +80,19 @@ def _type(column: str) -> str:
 # The close's parameters: the row's id, what it sets, and what it had reserved
 # and the windows it was admitted in (only read, for the spend).
 _CLOSE_PARAMS = (("r_id", "id"), *CLOSE_COLUMNS, ("r_reserved", "reserved_nanos"))
-_WINDOWS = tuple(f"r_{p}" for p in periods.PERIODS)
+# The windows it was admitted in, and its end user's (r_user: none when its
+# open reserved on no end user).
+_WINDOWS = (*(f"r_{p}" for p in periods.PERIODS), "r_uw")
 _CLOSED = (
     "UPDATE requests AS r SET {} FROM json_to_recordset(%(rows)s::json) AS v({}) "
-    "WHERE r.id = v.r_id AND r.status = 'open' RETURNING r.id, v.r_cost, v.r_reserved, {}"
+    "WHERE r.id = v.r_id AND r.status = 'open' "
+    "RETURNING r.id, v.r_cost, v.r_reserved, v.r_user, {}"
 ).format(
     ", ".join(f"{column} = v.{param}" for param, column in CLOSE_COLUMNS),
     ", ".join(
         [f"{param} {_type(column)}" for param, column in _CLOSE_PARAMS]
         + [f"{w} float8" for w in _WINDOWS]
+        + ["r_user varchar"]
     ),
     ", ".join(f"v.{w}" for w in _WINDOWS),
 )
@@ -76,12 +106,21 @@ _PERIOD_SPEND = "".join(
     f"(SELECT sum(c.r_cost) FROM closed AS c WHERE c.r_{p} = api_keys.{p}_start), 0)"
     for p in periods.PERIODS
 )
+# End users' rows are updated after the key's (they wait for ``spent``): the
+# order every other path takes their locks in.
 CLOSE_AND_SPEND = (
     f"WITH closed AS ({_CLOSED}), spent AS ("
     " UPDATE api_keys SET spent_nanos = spent_nanos + s.cost,"
     f" reserved_nanos = reserved_nanos - s.reserved{_PERIOD_SPEND}"
     " FROM (SELECT sum(r_cost) AS cost, sum(r_reserved) AS reserved FROM closed) AS s"
-    " WHERE api_keys.id = %(k_id)s AND s.cost IS NOT NULL) "
+    " WHERE api_keys.id = %(k_id)s AND s.cost IS NOT NULL RETURNING api_keys.id), users AS ("
+    " UPDATE end_user_spend AS e SET spent_nanos = e.spent_nanos + coalesce("
+    "(SELECT sum(c.r_cost) FROM closed AS c"
+    " WHERE c.r_user = e.end_user AND c.r_uw = e.window_start), 0),"
+    " reserved_nanos = e.reserved_nanos - coalesce("
+    "(SELECT sum(c.r_reserved) FROM closed AS c WHERE c.r_user = e.end_user), 0)"
+    " WHERE e.key_id = %(k_id)s AND EXISTS (SELECT 1 FROM spent)"
+    " AND e.end_user IN (SELECT r_user FROM closed WHERE r_user IS NOT NULL)) "
     "SELECT id FROM closed"
 )
 
