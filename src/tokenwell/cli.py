@@ -146,6 +146,18 @@ def _welcome(app: Any, settings: Settings, config_path: Path | None, data_dir: P
     services = app.state.services
     url = f"http://{settings.host}:{settings.port}"
     model = next(iter(services.models)).model_id
+    if settings.log_format == "json":  # a log pipeline reads stderr: one record, no banner
+        logging.getLogger("tokenwell").info(
+            "tokenwell listening",
+            extra={
+                "fields": {
+                    "url": url,
+                    "models": [e.model_id for e in services.models],
+                    "dashboard": f"{url}/dashboard",
+                }
+            },
+        )
+        return
     key_hint = (
         f"$(cat {services.master_key_file})"
         if services.master_key_file

@@ -125,9 +125,11 @@ def test_json_lines_at_debug_without_driver_chatter(tmp_path: Path) -> None:
         ids = _traffic(server)
         _wait_for(server, ids["left"])
         log = server.log_path.read_text()
-    records = [orjson.loads(line) for line in log.splitlines() if line.startswith("{")]
-    # Every line the server wrote is one JSON object (the banner goes to the terminal).
+    # Every line the server wrote is one JSON object, the start-up banner too.
+    records = [orjson.loads(line) for line in log.splitlines()]
     assert len(records) >= 5
+    (banner,) = [r for r in records if r["message"] == "tokenwell listening"]
+    assert banner["url"] == server.base and "scripted" in banner["models"]
     done = next(
         r
         for r in records
