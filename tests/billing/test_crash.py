@@ -34,7 +34,14 @@ def _stream(server: Server, key: str, body: dict, out: dict, ready: threading.Ev
 
 def crash_and_recover(tmp_path: Path, config: str, body: dict, env: dict | None = None) -> None:  # type: ignore[type-arg]
     server = Server(tmp_path, config, env=env).start()
-    key = server.create_key(name="crash", budget_usd="10")
+    # Every budget a request reserves on: lifetime, a day's and its end user's.
+    key = server.create_key(
+        name="crash",
+        budget_usd="10",
+        budgets=[{"usd": "10", "period": "total"}, {"usd": "10", "period": "day"}],
+        end_user_budget={"usd": "10", "period": "day"},
+    )
+    body = {**body, "user": "crash-user"}
     outs = [{} for _ in range(3)]
     readies = [threading.Event() for _ in range(3)]
     threads = [
@@ -61,7 +68,14 @@ def crash_and_recover(tmp_path: Path, config: str, body: dict, env: dict | None 
             assert out["seen"] <= row["completion_tokens"] <= body.get("max_tokens", 400)
             assert row["error"]
         assert record["reserved_usd"] == "0.0"
-        assert Decimal(record["spend_usd"]) == sum(Decimal(r["cost_usd"]) for r in rows) > 0
+        spend = Decimal(record["spend_usd"])
+        assert spend == sum(Decimal(r["cost_usd"]) for r in rows) > 0
+        with restarted.http(key=key["key"]) as http:
+            usage = http.get("/v1/usage", params={"user": "crash-user"}).json()
+        # Nothing stays reserved on any of them, and each holds the spend.
+        for budget in (*usage["budgets"], usage["end_user"]["budget"]):
+            assert Decimal(budget["spent_usd"]) == spend, budget
+            assert Decimal(budget["remaining_usd"]) == 10 - spend, budget
         # Restarting again changes nothing: each row was closed exactly once.
         restarted.stop()
         again = Server(tmp_path, config, env=env, data_dir=server.data_dir).start()

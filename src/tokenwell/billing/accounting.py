@@ -479,6 +479,9 @@ class Accounting:
                     reserved_nanos=row.reserved_nanos,
                     total_ms=max(time.time() - row.created_at, 0) * 1000,
                     windows=periods.windows(row.created_at, zones.get(row.key_id)),
+                    # Its end user's reservation is released too.
+                    end_user=row.user if row.end_user_window is not None else None,
+                    end_user_window=row.end_user_window or 0.0,
                     error=(
                         "the server stopped while the request was in flight"
                         if known is not None

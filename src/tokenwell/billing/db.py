@@ -171,6 +171,9 @@ requests = Table(
     Column("api", String(32), nullable=False, server_default="chat.completions"),
     # The request's metadata, as a JSON object of strings (migration 0007).
     Column("tags", Text, nullable=True),
+    # The window of its end user's budget it reserved in, if it did (migration
+    # 0010): what a recovery releases there.
+    Column("end_user_window", Float, nullable=True),
     Index("ix_requests_key_day", "key_id", "day"),
     # Only the rows in flight (recovery's lookup), see migration 0002.
     Index(
@@ -247,6 +250,7 @@ OPEN_COLUMNS = (
     "idempotency_key",
     "api",
     "tags",
+    "end_user_window",
 )
 # What its close writes: (parameter of ``CloseRow.params()``, column). The
 # parameters are prefixed: a bound parameter may not share its column's name

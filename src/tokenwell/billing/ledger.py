@@ -132,6 +132,9 @@ class OpenRow:
             "idempotency_key": self.idempotency_key,
             "api": self.api,
             "tags": self.tags,
+            "end_user_window": (
+                self.end_user.window if self.end_user is not None and not closed else None
+            ),
         }
 
 
