@@ -71,6 +71,7 @@ def test_each_end_user_has_the_budget_under_concurrency(tmp_path: Path, db_url: 
             assert view["budget"]["remaining_usd"] == "0.0"
             assert view["budget"]["resets_at"] == "2026-05-06T00:00:00+00:00"
             assert Decimal(mine["spend_usd"]) == cost * 6  # the key's own total: both
+            assert mine["reserved_usd"] == "0.0"  # refusals gave the key's reservations back
 
             app.clock.set("2026-05-06T00:00:00+00:00")
             statuses = await asyncio.gather(*[one("alice") for _ in range(5)])
