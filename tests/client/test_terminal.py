@@ -63,6 +63,7 @@ def test_a_conversation_in_the_terminal(scripted_server: Server) -> None:
         row["completion_tokens"],
     )
     assert first["cost"] == Decimal(row["cost_usd"]) > 0
+    assert f"${row['cost_usd']} · " in child.after  # written as the ledger writes it
 
     # The conversation is kept: the second turn's prompt holds the first.
     _, second = turn(child, "tell me about the sea")

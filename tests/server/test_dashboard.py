@@ -337,7 +337,8 @@ def test_the_chat_page_streams_and_shows_each_turns_cost(
     row = ledger_row(scripted_server, rid)
     assert row["key_id"] == key["id"] and row["completion_tokens"] == 64
     assert len(answer.split()) >= 32
-    assert f"+ 64 completion tokens · ${Decimal(row['cost_usd']):.6f}" in meta
+    # The turn's cost exactly as the ledger billed it (nano-dollars, not floats).
+    assert f"+ 64 completion tokens · ${row['cost_usd']} · " in meta
     _, _, rid2 = chat_turn(browser, "and again", 2)
     # The conversation is kept: the second prompt holds the first turn.
     assert ledger_row(scripted_server, rid2)["prompt_tokens"] > row["prompt_tokens"]

@@ -106,7 +106,7 @@ class TerminalChat:
             f"\n[{usage.get('prompt_tokens', '?')} prompt"
             + (f" ({cached} cached)" if cached else "")
             + f" + {usage.get('completion_tokens', '?')} completion tokens · "
-            + (f"${cost:f}" if cost is not None else "cost unknown")
+            + (f"${_usd(cost)}" if cost is not None else "cost unknown")
             + f" · {seconds:.1f} s · {stream.request_id}]\n"
         )
 
@@ -156,11 +156,20 @@ class TerminalChat:
             if after is None:
                 return None
             if after["requests"] > before["requests"] or time.monotonic() > deadline:
+                # Once more: the count and the spend are two reads, and the turn's
+                # close may have committed between them in the one that saw it.
+                after = self._usage() or after
                 return Decimal(after["spend_usd"]) - Decimal(before["spend_usd"])
             time.sleep(0.05)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _usd(amount: Decimal) -> str:
+    """As the server writes amounts: exact, nine decimals at most, no trailing zeros."""
+    text = f"{amount:.9f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 def _json(response: httpx.Response) -> Any:

@@ -11,9 +11,22 @@
     "Content-Type": "application/json",
   });
   const say = (text) => { status.textContent = text; };
+  // Amounts are exact decimal strings ("0.000001234"): subtract them as integer
+  // nano-dollars, never as floats, and write the result as the server does.
+  const nanos = (usd) => {
+    const [whole, frac = ""] = String(usd).split(".");
+    return BigInt(whole) * 1000000000n + BigInt((frac + "000000000").slice(0, 9));
+  };
+  const usdOf = (n) => {
+    const sign = n < 0n ? "-" : "";
+    const abs = n < 0n ? -n : n;
+    let text = (abs / 1000000000n) + "." + String(abs % 1000000000n).padStart(9, "0");
+    text = text.replace(/0+$/, "");
+    return sign + (text.endsWith(".") ? text + "0" : text);
+  };
 
   async function usage() {
-    const r = await fetch("/v1/usage", { headers: headers() });
+    const r = await fetch("/v1/usage", { headers: headers(), cache: "no-store" });
     return r.ok ? r.json() : null;
   }
 
@@ -115,10 +128,13 @@
       let cost = "";
       const deadline = Date.now() + 5000;
       for (;;) {  // the turn's row closes just after the stream: wait for it
-        const after = await usage();
+        let after = await usage();
         if (!before || !after) break;
         if (after.requests > before.requests || Date.now() > deadline) {
-          cost = " · $" + (Number(after.spend_usd) - Number(before.spend_usd)).toFixed(6);
+          // Read once more: the count and the spend come from two reads, and the
+          // close may have landed between them in the one that saw it.
+          after = (await usage()) || after;
+          cost = " · $" + usdOf(nanos(after.spend_usd) - nanos(before.spend_usd));
           break;
         }
         await new Promise((done) => setTimeout(done, 100));
