@@ -439,7 +439,15 @@ def _paths() -> dict[str, Any]:
         "/admin/usage": {
             "get": _operation(
                 "The spend report",
-                {"200": _json("Object")},
+                {
+                    "200": {
+                        "description": "Rows of groups and sums (JSON), or the same as CSV",
+                        "content": {
+                            "application/json": {"schema": _ref("Object")},
+                            "text/csv": {"schema": {"type": "string"}},
+                        },
+                    }
+                },
                 errors=(400, 401, 403),
                 parameters=[
                     _query(
