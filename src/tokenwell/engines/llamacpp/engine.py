@@ -15,6 +15,7 @@ from tokenwell.engines.llamacpp.sampling import SamplingParams, check_grammar, s
 from tokenwell.engines.llamacpp.scheduler import EmbedJob, Job, Scheduler, exit_process
 from tokenwell.engines.llamacpp.selftest import verify
 from tokenwell.engines.llamacpp.settings import parse_settings
+from tokenwell.engines.timings import HistogramSnapshot
 from tokenwell.errors import ContextLengthExceeded, InvalidRequest, Overloaded
 from tokenwell.protocol.events import Meter
 from tokenwell.protocol.requests import ChatRequest
@@ -249,6 +250,20 @@ class LlamaCppEngine(Engine):
         )
         scheduler.submit(job)
         return generation
+
+    def timings(self) -> list[HistogramSnapshot]:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return []
+        return [
+            h.snapshot()
+            for h in (
+                scheduler.queue_wait,
+                scheduler.prefill,
+                scheduler.handoff,
+                scheduler.first_token,
+            )
+        ]
 
     def stats(self) -> dict[str, Any]:
         scheduler = self.scheduler

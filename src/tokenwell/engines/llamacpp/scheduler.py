@@ -50,6 +50,7 @@ from tokenwell.engines.llamacpp.sampling import (
 from tokenwell.engines.llamacpp.settings import LlamaCppSettings
 from tokenwell.engines.llamacpp.toolcalls import ToolCallParser
 from tokenwell.engines.text import TextAssembler
+from tokenwell.engines.timings import LatencyHistogram
 from tokenwell.errors import Overloaded
 from tokenwell.protocol.events import Event, Failed, Finish, TextDelta
 
@@ -85,7 +86,11 @@ class Job:
     # Where the prompt's last token sits in the batch that ends it, and its output row.
     logits_index: int = -1
     logits_output: int = -1
+    # When it was submitted, given its slots, and its first token sampled
+    # (perf_counter), for the engine's first-token timings.
     submitted_at: float = field(default_factory=time.perf_counter)
+    placed_at: float = 0.0
+    sampled_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -177,6 +182,25 @@ class Scheduler:
         self.decode_seconds = 0.0
         self.sample_seconds = 0.0
         self.step_seconds = 0.0
+        # Where a request's time to its first token goes, engine side (/metrics).
+        self.queue_wait = LatencyHistogram(
+            "tokenwell_engine_queue_wait_seconds",
+            "From a request's submission to the engine until it is given its slots",
+        )
+        self.prefill = LatencyHistogram(
+            "tokenwell_engine_prefill_seconds",
+            "From a request's slots to its first token sampled (its prompt computed)",
+        )
+        self.handoff = LatencyHistogram(
+            "tokenwell_engine_handoff_seconds",
+            "From a request's first token sampled to its events on the event loop",
+        )
+        self.first_token = LatencyHistogram(
+            "tokenwell_engine_first_token_seconds",
+            "From a request's submission to the engine to its first token on the event loop",
+        )
+        # Jobs whose first token was sampled and is not yet handed over.
+        self._first: list[Job] = []
         self.ctx: Any = None
         self.batch: Any = None
         self.n_outputs = 0
@@ -307,7 +331,7 @@ class Scheduler:
             events[job.generation] = [Failed("the server is shutting down", "shutting_down")]
             closed.append(job.generation)
             self._release(job)
-        self._deliver(events, closed)
+        self._deliver(events, closed, [])
         for embed in [*self._embed_inbox, *self._embeds]:
             self._embed_fail(embed, Overloaded("the server is shutting down"))
         if self.embed_batch is not None:
@@ -326,7 +350,9 @@ class Scheduler:
     def _jobs_running(self) -> list[Job]:
         return list(dict.fromkeys(seq.job for seq in self._running))
 
-    def _deliver(self, events: dict[Generation, list[Event]], closed: list[Generation]) -> None:
+    def _deliver(
+        self, events: dict[Generation, list[Event]], closed: list[Generation], firsts: list[Job]
+    ) -> None:
         if not events and not closed:
             return
 
@@ -335,6 +361,8 @@ class Scheduler:
                 gen.push(items)
             for gen in closed:
                 gen.close()
+            if firsts:
+                self._handed_over(firsts)
 
         # RuntimeError: the loop is gone, and nobody is left to tell.
         with contextlib.suppress(RuntimeError):
@@ -385,9 +413,26 @@ class Scheduler:
                 [(seq.sampler, seq.output_index, seq.batch_index) for seq in seqs],
                 self.scratch,
             )
-            self.sample_seconds += time.perf_counter() - sample_at
+            sampled_at = time.perf_counter()
+            self.sample_seconds += sampled_at - sample_at
+            for job in completed:
+                job.sampled_at = sampled_at
+                self.prefill.observe(sampled_at - job.placed_at)
+                self._first.append(job)
             for seq, token in zip(seqs, tokens, strict=True):
                 self._process(seq, token, events, closed)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "step %d: %d tokens (%d generating, %d prompts ending), batch built "
+                    "in %.1f ms, decode %.1f ms, sample %.1f ms",
+                    self.steps,
+                    self.batch.n_tokens,
+                    len(seqs) - sum(len(job.seqs) for job in completed),
+                    len(completed),
+                    (decode_at - started) * 1000,
+                    (sample_at - decode_at) * 1000,
+                    (sampled_at - sample_at) * 1000,
+                )
         except Exception as exc:
             log.exception("decode step failed; failing the requests in it")
             self._fail_all(events, closed, f"generation failed: {exc}")
@@ -409,9 +454,28 @@ class Scheduler:
 
     def _flush(self) -> None:
         if self._outbox or self._outbox_closed:
-            events, closed = self._outbox, self._outbox_closed
-            self._outbox, self._outbox_closed = {}, []
-            self._deliver(events, closed)
+            events, closed, firsts = self._outbox, self._outbox_closed, self._first
+            self._outbox, self._outbox_closed, self._first = {}, [], []
+            self._deliver(events, closed, firsts)
+
+    def _handed_over(self, jobs: list[Job]) -> None:
+        """On the event loop: these jobs' first tokens have just been pushed."""
+        now = time.perf_counter()
+        for job in jobs:
+            self.handoff.observe(now - job.sampled_at)
+            self.first_token.observe(now - job.submitted_at)
+            if log.isEnabledFor(logging.DEBUG):
+                meter = job.generation.meter
+                log.debug(
+                    "first token %.1f ms after submit: queued %.1f, prefill %.1f "
+                    "(%d prompt tokens, %d cached), hand-off %.1f",
+                    (now - job.submitted_at) * 1000,
+                    (job.placed_at - job.submitted_at) * 1000,
+                    (job.sampled_at - job.placed_at) * 1000,
+                    meter.prompt_tokens,
+                    meter.cached_tokens,
+                    (now - job.sampled_at) * 1000,
+                )
 
     def _drop_cancelled(self, closed: list[Generation]) -> None:
         for queue in (self._waiting, self._prefilling):
@@ -460,7 +524,8 @@ class Scheduler:
         del primary.tokens[reuse:]
         others = sorted((s for s in free if s is not primary), key=lambda s: s.last_used)
         slots = [primary, *others[: job.n - 1]]
-        job.generation.started_at = time.perf_counter()
+        job.placed_at = job.generation.started_at = time.perf_counter()
+        self.queue_wait.observe(job.placed_at - job.submitted_at)
         meter = job.generation.meter
         meter.prompt_tokens = len(prompt)
         meter.cached_tokens = reuse
