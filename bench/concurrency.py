@@ -1,9 +1,17 @@
-"""Issue 3: many streams on one embedded model, tokenwell vs its peers, in one run.
+"""Issues 3 and 20: many streams on one embedded model, tokenwell vs its peers, in one run.
 
-For each server, at 1, 4 and 16 concurrent streams: aggregate completion
-tokens/s, p50/p99 time to first token and p50 inter-token latency. Same GGUF,
-same prompts, same sampling (temperature 0.8, seeded), end tokens biased out
-so every stream makes exactly --tokens tokens.
+At 1, 2, 4, 8 and 16 concurrent streams: aggregate completion tokens/s,
+p50/p99 time to first token and p50 inter-token latency. Same GGUF, same
+prompts, same sampling (temperature 0.8, seeded), end tokens biased out so
+every stream makes exactly --tokens tokens; a fresh connection per request.
+
+By default the load is closed-loop: each of N clients sends its next request
+as soon as its last one ended, for --seconds, so that requests arrive while
+the others generate (as real users' do). All servers are up at once and the
+windows alternate between them (A B, B A, ...) at each level, so the shared
+machine's noise falls on all alike; the load average is printed with the
+results. ``--mode waves`` is the older measure: each round starts all streams
+at once, servers one after another.
 
 Peers (set up by ``bench/peers.py``, never committed):
 - llama.cpp's ``llama-server --parallel 16``, built from the llama-cpp-python
@@ -14,8 +22,9 @@ Peers (set up by ``bench/peers.py``, never committed):
   ``--interrupt_requests False``: by default it cuts a running stream short
   whenever another request arrives.
 
-    ./dev bench concurrency [--tokens 128] [--levels 1,4,16] [--rounds 3]
-                            [--servers tokenwell,llama-server,llama-cpp-server]
+    ./dev bench concurrency [--tokens 128] [--levels 1,2,4,8,16] [--rounds 2]
+                            [--seconds 20] [--mode closed|waves]
+                            [--servers tokenwell,llama-server[,llama-cpp-server]]
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -190,17 +201,174 @@ def _stats(base: str) -> dict[str, Any] | None:
     return stats if "decode_seconds" in stats else None
 
 
+@dataclass
+class Tally:
+    """One server's measurements at one level, over all its windows."""
+
+    produced: int = 0
+    elapsed: float = 0.0
+    ttfts: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+
+    def summary(self, streams: int) -> dict[str, Any]:
+        return {
+            "streams": streams,
+            "requests": len(self.ttfts),
+            "tokens_per_s": round(self.produced / self.elapsed, 1),
+            "ttft_p50_ms": round(median(self.ttfts) * 1000, 1),
+            "ttft_p99_ms": round(pct(self.ttfts, 99) * 1000, 1),
+            "itl_p50_ms": round(median(self.gaps) * 1000, 2),
+        }
+
+
+async def closed_loop(
+    base: str,
+    headers: dict[str, str],
+    model: str,
+    streams: int,
+    tokens: int,
+    seconds: float,
+    seed: int,
+    tally: Tally,
+) -> None:
+    """``streams`` clients, each sending its next request as soon as the last one
+    ended, for ``seconds`` (requests started by then run to their end): arrivals
+    fall at any point of the others' generation, as with real users."""
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=0)
+    deadline = time.perf_counter() + seconds
+
+    async def client(http: httpx.AsyncClient, i: int) -> None:
+        k = 0
+        while time.perf_counter() < deadline:
+            body = {
+                "model": model,
+                "stream": True,
+                "max_tokens": tokens,
+                "temperature": 0.8,
+                "seed": seed + 1000 * i + k,
+                "logit_bias": NO_EOS,
+                "stream_options": {"include_usage": True},
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": f"{PROMPTS[(i + k) % len(PROMPTS)]} (Part {seed + k}.{i})",
+                    }
+                ],
+            }
+            run = await stream_chat(http, f"{base}/v1/chat/completions", body, headers)
+            assert run.status == 200, run.status
+            tally.produced += run.tokens or (len(run.gaps) + 1)
+            tally.ttfts.append(run.ttft)
+            tally.gaps.extend(run.gaps)
+            k += 1
+
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*[client(http, i) for i in range(streams)])
+        tally.elapsed += time.perf_counter() - start
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def interleaved(args: argparse.Namespace, names: list[str], levels: list[int]) -> None:
+    """Every server up at once (an idle one costs nothing); at each level, windows
+    of closed-loop load alternate between them (A B, B A, ...), so the machine's
+    noise falls on all alike."""
+    threads = os.cpu_count() or 1
+    servers: dict[str, tuple[Process, dict[str, str], str]] = {}
+    try:
+        for name in names:
+            servers[name] = start(name, threads)
+        for proc, headers, model in servers.values():
+            asyncio.run(level(proc.base, headers, model, 1, 8, 1))  # warm-up
+        loads = [load_average()]
+        results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for streams in levels:
+            tallies = {name: Tally() for name in names}
+            for r in range(args.rounds):
+                order = names if r % 2 == 0 else names[::-1]
+                for name in order:
+                    proc, headers, model = servers[name]
+                    asyncio.run(
+                        closed_loop(
+                            proc.base,
+                            headers,
+                            model,
+                            streams,
+                            args.tokens,
+                            args.seconds,
+                            10_000 * r,
+                            tallies[name],
+                        )
+                    )
+            for name in names:
+                results[name].append(tallies[name].summary(streams))
+                print(name, json.dumps(results[name][-1]), flush=True)
+            loads.append(load_average())
+            print(f"  load average: {loads[-1]}", file=sys.stderr, flush=True)
+    finally:
+        for proc, _, _ in servers.values():
+            proc.stop()
+    print(f"load average (1, 5, 15 min) at the start and after each level: {loads}")
+    report(results, names)
+    print(json.dumps(results, indent=2))
+
+
+def report(results: dict[str, list[dict[str, Any]]], names: list[str]) -> None:
+    """The table for RESULTS.md, and each server's ratios against llama-server."""
+    print("| streams | server | requests | tokens/s | TTFT p50 | TTFT p99 | inter-token p50 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for i, row in enumerate(results[names[0]]):
+        for name in names:
+            r = results[name][i]
+            print(
+                f"| {row['streams']} | {name} | {r['requests']} | {r['tokens_per_s']} | "
+                f"{r['ttft_p50_ms']} ms | {r['ttft_p99_ms']} ms | {r['itl_p50_ms']} ms |"
+            )
+    if "llama-server" not in results:
+        return
+    print()
+    print("| streams | server / llama-server | tokens/s | TTFT p50 | TTFT p99 |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in names:
+        if name == "llama-server":
+            continue
+        for ours, theirs in zip(results[name], results["llama-server"], strict=True):
+            print(
+                f"| {ours['streams']} | {name} | "
+                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | "
+                f"{ours['ttft_p50_ms'] / theirs['ttft_p50_ms']:.2f}x | "
+                f"{ours['ttft_p99_ms'] / theirs['ttft_p99_ms']:.2f}x |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--levels", default="1,4,16")
+    parser.add_argument("--levels", default="1,2,4,8,16")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--servers", default="tokenwell,llama-server,llama-cpp-server")
+    parser.add_argument(
+        "--seconds", type=float, default=20, help="length of one closed-loop window"
+    )
+    parser.add_argument("--servers", default="tokenwell,llama-server")
+    parser.add_argument(
+        "--mode",
+        choices=("closed", "waves"),
+        default="closed",
+        help="closed: closed-loop clients, servers interleaved (the default); waves: each "
+        "round starts all streams at once, servers one after another",
+    )
     args = parser.parse_args()
-    threads = os.cpu_count() or 1
     levels = [int(x) for x in args.levels.split(",")]
+    names = args.servers.split(",")
+    if args.mode == "closed":
+        interleaved(args, names, levels)
+        return
+    threads = os.cpu_count() or 1
     results: dict[str, list[dict[str, Any]]] = {}
-    for name in args.servers.split(","):
+    for name in names:
         proc, headers, model = start(name, threads)
         try:
             # Warm-up: one short stream, then the measured levels.
@@ -212,26 +380,7 @@ def main() -> None:
         finally:
             proc.stop()
         print(name, json.dumps(results[name]), flush=True)
-    if "tokenwell" in results and "llama-server" in results:
-        for ours, theirs in zip(results["tokenwell"], results["llama-server"], strict=True):
-            print(
-                f"{ours['streams']:>2} streams: tokenwell/llama-server throughput "
-                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-                f"p99 TTFT {ours['ttft_p99_ms'] / theirs['ttft_p99_ms']:.2f}x"
-            )
-    if "tokenwell" in results and "tokenwell-native" in results:
-        for ours, native in zip(results["tokenwell"], results["tokenwell-native"], strict=True):
-            print(
-                f"{ours['streams']:>2} streams: portable/native build throughput "
-                f"{ours['tokens_per_s'] / native['tokens_per_s']:.3f}x, "
-                f"p50 TTFT {ours['ttft_p50_ms'] / native['ttft_p50_ms']:.2f}x"
-            )
-    if "tokenwell" in results and "llama-cpp-server" in results:
-        for ours, theirs in zip(results["tokenwell"], results["llama-cpp-server"], strict=True):
-            print(
-                f"{ours['streams']:>2} streams: tokenwell/llama_cpp.server throughput "
-                f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x"
-            )
+    report(results, names)
     print(json.dumps(results, indent=2))
 
 
