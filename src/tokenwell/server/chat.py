@@ -26,7 +26,7 @@ from tokenwell.billing.claims import Claim
 from tokenwell.billing.keys import KeyRecord
 from tokenwell.config import HTTPConfig
 from tokenwell.engines.base import Engine, Generation, Prepared
-from tokenwell.errors import APIError, InvalidRequest, ModelNotFound
+from tokenwell.errors import APIError, ModelNotFound
 from tokenwell.moderation import ContentPolicy
 from tokenwell.protocol.codec import ChatCodec
 from tokenwell.protocol.events import Meter
@@ -35,11 +35,7 @@ from tokenwell.protocol.requests import ChatRequest, parse_chat_request
 from tokenwell.server import accesslog
 from tokenwell.server.body import read_body
 from tokenwell.server.generation import GenerationResponse, Outcome
-from tokenwell.server.idempotent import (
-    IdempotencyService,
-    parse_idempotency_key,
-    parse_last_event_id,
-)
+from tokenwell.server.idempotent import IdempotencyService, parse_resume_headers
 from tokenwell.server.loading import LoadingStream, wait_until_ready
 from tokenwell.server.metrics import Metrics
 
@@ -120,15 +116,7 @@ class ChatService:
     async def create(self, request: Request) -> ASGIApp:
         started = time.perf_counter()
         key = await self.accounting.authenticate(request.headers.get("authorization"))
-        idempotency_key = parse_idempotency_key(request.headers)
-        last_event_id = parse_last_event_id(request.headers)
-        if last_event_id is not None and idempotency_key is None:
-            raise InvalidRequest(
-                "'Last-Event-ID' resumes a request made with an 'Idempotency-Key': "
-                "send the same key.",
-                param="Last-Event-ID",
-                code="missing_idempotency_key",
-            )
+        idempotency_key, last_event_id = parse_resume_headers(request.headers)
         body = await read_body(request, self.max_body_bytes)
         chat = parse_chat_request(body)
         engine = self.models.get(chat.model)

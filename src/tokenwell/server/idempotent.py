@@ -1,4 +1,5 @@
-"""``Idempotency-Key`` on ``POST /v1/chat/completions``: generate once, answer every retry.
+"""``Idempotency-Key`` on ``POST /v1/chat/completions`` and ``/v1/responses``: generate
+once, answer every retry.
 
     Idempotency-Key: <1-255 printable ASCII>     else 400 (param "Idempotency-Key")
     Last-Event-ID: <N>                           resume a stream after event N
@@ -102,6 +103,19 @@ def parse_last_event_id(headers: Headers) -> int | None:
     return int(value)
 
 
+def parse_resume_headers(headers: Headers) -> tuple[str | None, int | None]:
+    """``Idempotency-Key`` and ``Last-Event-ID``; a resume needs the key it resumes."""
+    idempotency_key = parse_idempotency_key(headers)
+    last_event_id = parse_last_event_id(headers)
+    if last_event_id is not None and idempotency_key is None:
+        raise InvalidRequest(
+            "'Last-Event-ID' resumes a request made with an 'Idempotency-Key': send the same key.",
+            param="Last-Event-ID",
+            code="missing_idempotency_key",
+        )
+    return idempotency_key, last_event_id
+
+
 def _canonical(value: Any) -> Any:
     """JSON values whose equal meanings have one form: 1.0 is 1."""
     if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
@@ -193,8 +207,15 @@ class IdempotencyService:
         stream: bool,
         last_event_id: int | None,
         generate: Generate,
+        *,
+        route: str = "chat.completions",
+        reader: type[LogReader] = LogReader,
     ) -> ASGIApp:
-        fp = fingerprint(body)
+        """The answer to a keyed request of ``route`` (``fingerprint``'s route: one
+        key used on two APIs is two bodies): generated once, each connection a
+        ``reader`` of its log (the wire API's own reader: how a stream that cannot
+        go on ends)."""
+        fp = fingerprint(body, route)
         scope = (key.id, idempotency_key)
         deadline = time.monotonic() + self.WAIT_FOR_PRODUCER
         loop = asyncio.get_running_loop()
@@ -222,7 +243,7 @@ class IdempotencyService:
                         claim = Claim(idempotency_key, fp, stream, self.store.ttl)
                     if record is None:
                         return await self._generate(
-                            scope, request_id, stream, last_event_id, generate, claim
+                            scope, request_id, stream, last_event_id, generate, claim, reader
                         )
                 except KeyClaimed:
                     pass  # another request (on another replica) claimed it first
@@ -237,7 +258,7 @@ class IdempotencyService:
                     "use a new key for a new request.",
                     param=HEADER,
                 )
-            app = await self._existing(record, last_event_id)
+            app = await self._existing(record, last_event_id, reader)
             if app is not None:
                 return app
             if time.monotonic() > deadline:
@@ -257,6 +278,7 @@ class IdempotencyService:
         last_event_id: int | None,
         generate: Generate,
         claim: Claim | None,
+        reader: type[LogReader],
     ) -> ASGIApp:
         try:
             response = await generate(request_id, scope[1], claim)
@@ -278,7 +300,7 @@ class IdempotencyService:
         task = producer.start()
         self._producers.add(task)
         task.add_done_callback(self._producers.discard)
-        return LogReader(rlog, after=last_event_id, replayed=False, keepalive=self.keepalive)
+        return reader(rlog, after=last_event_id, replayed=False, keepalive=self.keepalive)
 
     async def _done(self, scope: tuple[str, str], rlog: RequestLog) -> None:
         """Keep a finished response for replay (or release the key), then free the log."""
@@ -317,20 +339,22 @@ class IdempotencyService:
                 end.body,
             )
 
-    async def _existing(self, record: Record, last_event_id: int | None) -> ASGIApp | None:
+    async def _existing(
+        self, record: Record, last_event_id: int | None, reader: type[LogReader]
+    ) -> ASGIApp | None:
         """A reader of the request that holds the key; None: not readable yet."""
         rid = record.request_id
         if record.done:
             view = self._stored(record)
             await self._count(rid, "replays")
-            return LogReader(view, after=last_event_id, replayed=True, keepalive=self.keepalive)
+            return reader(view, after=last_event_id, replayed=True, keepalive=self.keepalive)
         local = self.logs.get(rid)
         if local is not None:
             await self._count(rid, "attachments")
-            return LogReader(local, after=last_event_id, replayed=True, keepalive=self.keepalive)
+            return reader(local, after=last_event_id, replayed=True, keepalive=self.keepalive)
         if self.remote is not None and await self.remote.exists(rid):
             await self._count(rid, "attachments")
-            return LogReader(
+            return reader(
                 self.remote.view(rid),
                 after=last_event_id,
                 replayed=True,

@@ -251,7 +251,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "The key may not do this",
         404: "Not found",
         408: "The request's headers or body came too slowly",
+        409: "Its Idempotency-Key is in use where this server cannot read it",
         413: "Body too large",
+        422: "Its Idempotency-Key was used with another body",
         429: "Rate limit or budget",
         502: "An upstream failed",
         503: "Overloaded or loading",
@@ -271,6 +273,26 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 def _path(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+# Idempotent requests and resumable streams (server/idempotent.py).
+_RESUMABLE = [
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "1-255 printable ASCII characters: the request is generated once and "
+        "billed once; a retry with the same body gets its result (422 with another body)",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+    },
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": "With the same Idempotency-Key: the stream's events after this one",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    },
+]
 
 
 def _operation(
@@ -311,8 +333,9 @@ def _paths() -> dict[str, Any]:
             "post": _operation(
                 "Create a chat completion",
                 chat_ok,
-                errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
+                errors=(400, 401, 403, 404, 408, 409, 413, 422, 429, 502, 503),
                 body="ChatCompletionRequest",
+                parameters=_RESUMABLE,
             )
         },
         "/v1/completions": {
@@ -587,8 +610,9 @@ def _responses_paths() -> dict[str, Any]:
             "post": _operation(
                 "Create a response (OpenAI Responses API)",
                 create_ok,
-                errors=(400, 401, 403, 404, 408, 413, 429, 502, 503),
+                errors=(400, 401, 403, 404, 408, 409, 413, 422, 429, 502, 503),
                 body="ResponseCreateRequest",
+                parameters=_RESUMABLE,
             )
         },
         "/v1/responses/input_tokens": {

@@ -52,6 +52,7 @@ from tokenwell.server.body import read_body
 from tokenwell.server.cancels import CancelBus
 from tokenwell.server.chat import ChatService
 from tokenwell.server.generation import GenerationResponse, Outcome
+from tokenwell.server.idempotent import parse_resume_headers
 from tokenwell.server.loading import wait_until_ready
 from tokenwell.server.requestlog import LogReader, Producer, RequestLog
 from tokenwell.server.responses import json_response
@@ -121,7 +122,9 @@ class ResponsesService:
     async def _key(self, request: Request) -> KeyRecord:
         return await self.chat.accounting.authenticate(request.headers.get("authorization"))
 
-    async def _parse(self, request: Request, key: KeyRecord) -> tuple[ResponsesRequest, Engine]:
+    async def _parse(
+        self, request: Request, key: KeyRecord
+    ) -> tuple[bytes, ResponsesRequest, Engine]:
         body = await read_body(request, self.chat.max_body_bytes)
         data = parse_body(body)
         history: list[dict[str, Any]] = []
@@ -133,7 +136,7 @@ class ResponsesService:
         self.chat.accounting.authorize(key, rr.chat.model)
         if self.chat.policy is not None:
             self.chat.policy.check_input(rr.chat)
-        return rr, engine
+        return body, rr, engine
 
     async def _history(self, key: KeyRecord, previous: str) -> list[dict[str, Any]]:
         stored = await self.store.get(key.id, previous) if self.store is not None else None
@@ -155,15 +158,38 @@ class ResponsesService:
     async def create(self, request: Request) -> ASGIApp:
         started = time.perf_counter()
         key = await self._key(request)
-        rr, engine = await self._parse(request, key)
+        idempotency_key, last_event_id = parse_resume_headers(request.headers)
+        body, rr, engine = await self._parse(request, key)
         if rr.store and self.store is None:
             raise InvalidRequest("Responses cannot be stored here.", param="store")
         if not engine.ready:
             await wait_until_ready(engine, self.chat.model_load_wait)
+        respond = partial(self._respond, key, rr, engine, started)
+        idempotency = self.chat.idempotency
+        if idempotency_key is not None and idempotency is not None:
+            # Generated once, whatever the retries; streams numbered and resumable
+            # (server/idempotent.py), as for chat completions.
+            return await idempotency.respond(
+                key,
+                idempotency_key,
+                body,
+                rr.stream,
+                last_event_id,
+                respond,
+                route="responses",
+                reader=ResponsesLogReader,
+            )
+        return await respond()
+
+    async def _respond(
+        self, key: KeyRecord, rr: ResponsesRequest, engine: Engine, started: float, *admit: Any
+    ) -> ASGIApp:
+        """Admit and start a response (``admit``: an idempotent request's id, key and
+        claim); answer with it, as a stream, a JSON body, or the queued object."""
         encoder = ResponsesEncoder(new_id("resp"), rr.echo)
         codec = ResponsesCodec(encoder)
         history = [*rr.history, *rr.input_items]
-        response, ticket = await self._generate(key, rr, engine, codec, started)
+        response, ticket = await self._generate(key, rr, engine, codec, started, *admit)
         if rr.background:
             live = await self._background(key, rr, codec, response, ticket, history)
             if rr.stream:  # streamed from its start, as a reader of its log
@@ -182,10 +208,13 @@ class ResponsesService:
         engine: Engine,
         codec: ResponsesCodec,
         started: float,
+        *admit: Any,
     ) -> tuple[GenerationResponse, Ticket]:
         chat = self.chat
         prepared = engine.prepare(rr.chat)
-        ticket, generation = await chat.start(key, prepared, partial(engine.submit, prepared))
+        ticket, generation = await chat.start(
+            key, prepared, partial(engine.submit, prepared), *admit
+        )
         response = GenerationResponse(
             generation,
             codec,
@@ -453,7 +482,7 @@ class ResponsesService:
 
     async def input_tokens(self, request: Request) -> Response:
         key = await self._key(request)
-        rr, engine = await self._parse(request, key)
+        _, rr, engine = await self._parse(request, key)
         if not engine.ready:
             await wait_until_ready(engine, self.chat.model_load_wait)
         prepared = engine.prepare(rr.chat)
