@@ -150,6 +150,41 @@ def test_the_async_sdk_with_the_async_transport_completes_every_request(server: 
     assert len(rows) == 24 and {r["status"] for r in rows} == {"completed"}
 
 
+def test_responses_through_the_transport_complete_every_request(server: Server) -> None:
+    """The Responses API through the cutting proxy: streamed (raw events and the SDK's
+    ``responses.stream`` helper) and not; every text whole, every request billed once."""
+    key = server.create_key(name="responses-cuts")
+    rng = random.Random(6)
+    with CuttingProxy(server.port, seed=6, cut_probability=0.7, max_offset=6000) as proxy:
+        transport = ResumingTransport(backoff=0.005)
+        sdk = openai.OpenAI(
+            base_url=f"{proxy.base}/v1",
+            api_key=key["key"],
+            max_retries=0,
+            http_client=httpx.Client(transport=transport, timeout=30),
+        )
+        for i in range(24):
+            prompt = _prompt(rng, i)
+            if i % 3 == 0:
+                done = sdk.responses.create(model="scripted", input=prompt)
+                assert done.output_text == f"You said: {prompt}"
+            elif i % 3 == 1:
+                events = list(sdk.responses.create(model="scripted", input=prompt, stream=True))
+                numbers = [e.sequence_number for e in events]
+                assert numbers == list(range(len(events)))  # none lost, none repeated
+                assert events[-1].type == "response.completed"
+                text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+                assert text == f"You said: {prompt}"
+            else:
+                with sdk.responses.stream(model="scripted", input=prompt) as stream:
+                    final = stream.get_final_response()
+                assert final.output_text == f"You said: {prompt}" and final.usage is not None
+        assert proxy.cuts >= 8 and transport.resumes >= proxy.cuts // 2
+    rows = _rows(server, key["id"])
+    assert len(rows) == 24 and {r["status"] for r in rows} == {"completed"}
+    assert {r["api"] for r in rows} == {"responses"}
+
+
 def test_without_the_transport_a_cut_stream_loses_text(server: Server) -> None:
     """The control: the same proxy breaks a plain SDK stream (so the tests above can fail)."""
     with CuttingProxy(server.port, seed=4, cut_probability=1.0, max_offset=3000) as proxy:

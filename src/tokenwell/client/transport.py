@@ -1,4 +1,4 @@
-"""``httpx`` transports that make chat completions safe to retry and resume.
+"""``httpx`` transports that make chat completions and responses safe to retry and resume.
 
 For the official SDK, one line changes::
 
@@ -12,16 +12,17 @@ For the official SDK, one line changes::
         http_client=httpx.AsyncClient(transport=AsyncResumingTransport()),
     )
 
-Every ``POST …/chat/completions`` gets an ``Idempotency-Key`` (unless it has
-one). A request whose connection fails before the response, or (not
+Every ``POST …/chat/completions`` and ``POST …/responses`` gets an
+``Idempotency-Key`` (unless it has one). A request whose connection fails before the response, or (not
 streaming) while its body is read, is sent again with the same key: the
 server never generates twice, and answers a retry with the stored result. A
 stream whose connection drops is resumed with ``Last-Event-ID``: the caller
 reads one uninterrupted stream, handed on in whole events only, so no event
 is lost, cut or repeated. Where resuming is impossible (the server kept no
 log, too many failures) the stream ends with an error event (``code``:
-``resume_failed``) and ``[DONE]``: the SDK raises ``openai.APIError`` after
-the chunks that did arrive.
+``resume_failed``): for chat, an error chunk and ``[DONE]`` (the SDK raises
+``openai.APIError`` after the chunks that did arrive); for the Responses API,
+its ``error`` event, as OpenAI ends a failed stream.
 
 The decisions (retry or not, where a stream stands, when to give up) are one
 I/O-free state machine, ``_Resume``; the sync and async transports only move
@@ -46,8 +47,20 @@ def new_key() -> str:
     return f"twc-{uuid.uuid4().hex}"
 
 
-def _is_chat(request: httpx.Request) -> bool:
-    return request.method == "POST" and request.url.path.endswith("/chat/completions")
+def _api(request: httpx.Request) -> str | None:
+    """The resumable API a request is for: chat completions, the Responses API, or none."""
+    if request.method != "POST":
+        return None
+    path = request.url.path
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/responses"):
+        return "responses"
+    return None
+
+
+# A Responses stream's last event (it has no [DONE]).
+_RESPONSES_ENDS = {b"response.completed", b"response.incomplete", b"response.failed", b"error"}
 
 
 def _retry_after(response: httpx.Response, default: float) -> float:
@@ -61,6 +74,21 @@ def _retry_after(response: httpx.Response, default: float) -> float:
 def error_event(message: str, code: str = "resume_failed") -> bytes:
     body = {"error": {"message": message, "type": "client_error", "param": None, "code": code}}
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _end(api: str, message: str, sequence_number: int) -> bytes:
+    """How a stream this transport cannot resume ends: chat's error chunk and
+    [DONE], or the Responses API's ``error`` event (as OpenAI ends a failed stream)."""
+    if api == "chat":
+        return error_event(message) + b"data: [DONE]\n\n"
+    body = {
+        "type": "error",
+        "code": "resume_failed",
+        "message": message,
+        "param": None,
+        "sequence_number": sequence_number,
+    }
+    return b"event: error\ndata: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _delay(backoff: float, max_backoff: float, attempt: int) -> float:
@@ -121,8 +149,9 @@ class _Resume:
     """Where one stream stands across its connections, with no I/O: whole events to
     hand on, the last event id, and what to do when a connection ends early."""
 
-    def __init__(self, max_attempts: int) -> None:
+    def __init__(self, max_attempts: int, api: str) -> None:
         self.max_attempts = max_attempts
+        self.api = api
         self.last_id: int | None = None
         self.unnumbered = False  # an event came without an id: resuming is impossible
         self.failures = 0
@@ -143,7 +172,9 @@ class _Resume:
                 self.last_id = event_id
             elif data is not None:
                 self.unnumbered = True
-            if data == b"[DONE]":
+            if data == b"[DONE]" or (
+                self.api == "responses" and _event_name(block) in _RESPONSES_ENDS
+            ):
                 self.ended = True
             out.append(block + b"\n\n")
         if out:
@@ -154,30 +185,28 @@ class _Resume:
         """A resume answered ``status``: None to try again, else the stream's end."""
         if status in _RETRY_STATUS:
             return None
-        return (
-            error_event(
-                f"The stream could not be resumed: HTTP {status} "
-                + body[:300].decode(errors="replace")
-            )
-            + b"data: [DONE]\n\n"
-        )
+        message = f"The stream could not be resumed: HTTP {status} "
+        return _end(self.api, message + body[:300].decode(errors="replace"), self._next())
+
+    def _next(self) -> int:
+        return 0 if self.last_id is None else self.last_id + 1
 
     def lost(self) -> bytes | None:
-        """The connection ended before [DONE]: None to resume after the last whole
-        event, else the stream's end (an error event and [DONE])."""
+        """The connection ended before the stream's end: None to resume after the last
+        whole event, else how the stream ends (``_end``: an error event)."""
         self.failures += 1
         if self.unnumbered:
-            return (
-                error_event(
-                    "The stream ended early and cannot be resumed: the server numbers no "
-                    "events (is it tokenwell, and did the request carry an Idempotency-Key?)."
-                )
-                + b"data: [DONE]\n\n"
+            return _end(
+                self.api,
+                "The stream ended early and cannot be resumed: the server numbers no "
+                "events (is it tokenwell, and did the request carry an Idempotency-Key?).",
+                self._next(),
             )
         if self.failures >= self.max_attempts:
-            return (
-                error_event(f"The stream could not be resumed after {self.failures} attempts.")
-                + b"data: [DONE]\n\n"
+            return _end(
+                self.api,
+                f"The stream could not be resumed after {self.failures} attempts.",
+                self._next(),
             )
         return None
 
@@ -207,7 +236,8 @@ class ResumingTransport(httpx.BaseTransport):
         return self.inner.handle_request(_again(request, last_event_id))
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_chat(request):
+        api = _api(request)
+        if api is None:
             return self.inner.handle_request(request)
         _prepare(request)
         request.read()
@@ -240,7 +270,7 @@ class ResumingTransport(httpx.BaseTransport):
                 return self.handle_request(request)
             response.close()
             return _whole(request, response, content)
-        return _streamed(request, response, _ResumingStream(self, request, response))
+        return _streamed(request, response, _ResumingStream(self, request, response, api))
 
 
 class AsyncResumingTransport(httpx.AsyncBaseTransport):
@@ -271,7 +301,8 @@ class AsyncResumingTransport(httpx.AsyncBaseTransport):
         return await self.inner.handle_async_request(_again(request, last_event_id))
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not _is_chat(request):
+        api = _api(request)
+        if api is None:
             return await self.inner.handle_async_request(request)
         _prepare(request)
         await request.aread()
@@ -303,7 +334,14 @@ class AsyncResumingTransport(httpx.AsyncBaseTransport):
                 return await self.handle_async_request(request)
             await response.aclose()
             return _whole(request, response, content)
-        return _streamed(request, response, _AsyncResumingStream(self, request, response))
+        return _streamed(request, response, _AsyncResumingStream(self, request, response, api))
+
+
+def _event_name(block: bytes) -> bytes | None:
+    for line in block.splitlines():
+        if line.startswith(b"event:"):
+            return line[6:].strip()
+    return None
 
 
 def split_event(block: bytes) -> tuple[int | None, bytes | None]:
@@ -327,12 +365,16 @@ class _ResumingStream(httpx.SyncByteStream):
     """The response's bytes, whole events at a time, resumed across connections."""
 
     def __init__(
-        self, transport: ResumingTransport, request: httpx.Request, first: httpx.Response
+        self,
+        transport: ResumingTransport,
+        request: httpx.Request,
+        first: httpx.Response,
+        api: str,
     ) -> None:
         self.transport = transport
         self.request = request
         self.response: httpx.Response | None = first
-        self.state = _Resume(transport.max_attempts)
+        self.state = _Resume(transport.max_attempts, api)
 
     def __iter__(self) -> Iterator[bytes]:
         state = self.state
@@ -378,12 +420,16 @@ class _AsyncResumingStream(httpx.AsyncByteStream):
     """``_ResumingStream`` for the async transport."""
 
     def __init__(
-        self, transport: AsyncResumingTransport, request: httpx.Request, first: httpx.Response
+        self,
+        transport: AsyncResumingTransport,
+        request: httpx.Request,
+        first: httpx.Response,
+        api: str,
     ) -> None:
         self.transport = transport
         self.request = request
         self.response: httpx.Response | None = first
-        self.state = _Resume(transport.max_attempts)
+        self.state = _Resume(transport.max_attempts, api)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         state = self.state
