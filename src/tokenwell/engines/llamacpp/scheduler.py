@@ -48,6 +48,7 @@ from tokenwell.engines.llamacpp.sampling import (
     sample,
 )
 from tokenwell.engines.llamacpp.settings import LlamaCppSettings
+from tokenwell.engines.llamacpp.stepcost import StepCost
 from tokenwell.engines.llamacpp.toolcalls import ToolCallParser
 from tokenwell.engines.text import TextAssembler
 from tokenwell.engines.timings import LatencyHistogram
@@ -201,6 +202,8 @@ class Scheduler:
         )
         # Jobs whose first token was sampled and is not yet handed over.
         self._first: list[Job] = []
+        # What a step costs here (stepcost.py): how many prompts share a step.
+        self.cost = StepCost()
         self.ctx: Any = None
         self.batch: Any = None
         self.n_outputs = 0
@@ -415,6 +418,8 @@ class Scheduler:
             )
             sampled_at = time.perf_counter()
             self.sample_seconds += sampled_at - sample_at
+            generating = len(seqs) - sum(len(job.seqs) for job in completed)
+            self.cost.add(generating, self.batch.n_tokens - generating, sampled_at - decode_at)
             for job in completed:
                 job.sampled_at = sampled_at
                 self.prefill.observe(sampled_at - job.placed_at)
@@ -427,7 +432,7 @@ class Scheduler:
                     "in %.1f ms, decode %.1f ms, sample %.1f ms",
                     self.steps,
                     self.batch.n_tokens,
-                    len(seqs) - sum(len(job.seqs) for job in completed),
+                    generating,
                     len(completed),
                     (decode_at - started) * 1000,
                     (sample_at - decode_at) * 1000,
@@ -541,7 +546,9 @@ class Scheduler:
         """Fill the batch; returns the jobs whose prompt ends in it.
 
         Running sequences get one token each; the rest of the budget goes to
-        waiting prompts, first come first served. The batch is then laid out in
+        waiting prompts, first come first served, as long as one more prompt
+        in this step shortens the prompts' times to first token on this
+        machine (``StepCost.worth_joining``). The batch is then laid out in
         slot order: llama.cpp decodes a batch whose sequence ids are out of
         order ~1.8x slower (measured here at 16 streams), and choosing slots by
         shared prefix shuffles them.
@@ -556,6 +563,8 @@ class Scheduler:
             if room <= 0:
                 break
             end = min(len(job.prompt), job.prefill_pos + room)
+            if not self.cost.worth_joining(len(chunks), end - job.prefill_pos, len(self._running)):
+                break
             chunks.append((job, job.prefill_pos, end))
             room -= end - job.prefill_pos
             if end == len(job.prompt):

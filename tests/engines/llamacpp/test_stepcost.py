@@ -1,0 +1,72 @@
+"""How many prompts share a decode step (engines/llamacpp/stepcost.py)."""
+
+from __future__ import annotations
+
+import random
+
+from tokenwell.engines.llamacpp.stepcost import MIN_STEPS, StepCost
+
+
+def learnt(
+    fixed: float, per_token: float, per_prompt: float, noise: float = 0.0, stalls: float = 0.0
+) -> StepCost:
+    """A StepCost fed steps that cost what the arguments say, plus some noise,
+    and a share ``stalls`` of steps 20x slower (another process took a core)."""
+    rng = random.Random(7)
+    cost = StepCost()
+    for i in range(8 * MIN_STEPS):
+        generating = rng.randint(0, 16)
+        prompt = rng.choice((0, 0, 0, 10, 45, 200)) if i % 2 else 0
+        seconds = fixed + per_token * generating + per_prompt * prompt
+        seconds *= 1 + rng.uniform(-noise, noise)
+        if rng.random() < stalls:
+            seconds *= 20
+        cost.add(generating, prompt, seconds)
+    return cost
+
+
+def test_until_enough_steps_are_seen_every_prompt_joins() -> None:
+    cost = StepCost()
+    for _ in range(MIN_STEPS - 1):
+        cost.add(4, 0, 0.02)
+    assert cost.fixed is None
+    assert cost.worth_joining(3, 500, 0)
+
+
+def test_only_steps_without_prompts_say_nothing_of_a_prompts_cost() -> None:
+    cost = StepCost()
+    for i in range(4 * MIN_STEPS):
+        cost.add(i % 16, 0, 0.004 + 0.004 * (i % 16))
+    assert cost.fixed is None
+    assert cost.worth_joining(2, 45, 4)
+
+
+def test_the_fit_finds_the_parts_of_a_step() -> None:
+    cost = learnt(0.004, 0.004, 0.0023, noise=0.05)
+    assert cost.fixed is not None
+    assert abs(cost.fixed - 0.004) < 0.002
+    assert abs(cost.per_token - 0.004) < 0.0005
+    assert abs(cost.per_prompt - 0.0023) < 0.0002
+
+
+def test_steps_stalled_by_other_processes_do_not_skew_the_fit() -> None:
+    cost = learnt(0.004, 0.004, 0.0023, noise=0.05, stalls=0.05)
+    assert cost.fixed is not None
+    assert abs(cost.per_token - 0.004) < 0.001
+    assert abs(cost.per_prompt - 0.0023) < 0.0005
+
+
+def test_where_each_token_costs_its_own_time_prompts_take_turns() -> None:
+    # A small CPU: a second prompt of 10 tokens would delay the first by ~23 ms,
+    # more than the one more step (~12 ms) it would otherwise wait.
+    cost = learnt(0.004, 0.004, 0.0023)
+    assert cost.worth_joining(0, 10, 1)  # the first prompt of a step always joins
+    assert not cost.worth_joining(1, 10, 1)
+    # With 15 sequences generating, the next step is long: a short prompt joins.
+    assert cost.worth_joining(1, 10, 15)
+
+
+def test_where_a_step_costs_mostly_its_fixed_part_prompts_share_it() -> None:
+    # A GPU-like cost: four prompts cost hardly more than one.
+    cost = learnt(0.030, 0.0001, 0.00002)
+    assert all(cost.worth_joining(k, 45, 0) for k in range(8))
