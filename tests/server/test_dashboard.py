@@ -186,7 +186,10 @@ def _dashboard(driver: webdriver.Chrome, server: Server, tmp_path: Path) -> None
     tpm = row.find_element(By.CSS_SELECTOR, ".edit-key input[name=tpm]")
     tpm.send_keys("5000")
     row.find_element(By.CSS_SELECTOR, ".edit-key button").click()
-    wait(driver).until(ec.url_to_be(f"{server.base}/dashboard/keys"))
+    # The form posts and the page comes back at the same URL: wait for the new page
+    # (the old row goes stale), not for the URL, which is already the keys page.
+    wait(driver).until(ec.staleness_of(row))
+    wait(driver).until(ec.presence_of_element_located((By.ID, f"key-{bob_id}")))
     with server.http() as http:
         assert http.get(f"/admin/keys/{bob_id}").json()["tpm"] == 5000
 
