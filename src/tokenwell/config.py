@@ -105,7 +105,7 @@ class AlertsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(pattern=r"^https?://")
-    # Each delivery's body is signed: X-Tokenwell-Signature: sha256=HMAC-SHA256(secret, body).
+    # Each delivery's body is signed: X-Tokenwell-Signature: hex HMAC-SHA256(secret, body).
     secret: str = Field(min_length=8)
     # Shares of a budget whose crossing is announced (a key's own budgets, and
     # each end user's).

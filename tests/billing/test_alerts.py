@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -99,6 +101,9 @@ def test_thresholds_of_a_key_and_an_end_user_are_delivered_signed_and_retried(
     for headers, body in receiver.posts:
         assert headers["content-type"] == "application/json"
         assert headers["x-tokenwell-signature"] == sign(SECRET, body)
+        # What a receiver computes: HMAC-SHA256 of the body with the secret, in hex.
+        mac = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["x-tokenwell-signature"], mac)
         assert headers["x-tokenwell-event"] == "budget.threshold"
         by_id[headers["x-tokenwell-delivery"]].append(body)
     assert len(receiver.posts) == 8 and len(by_id) == 6

@@ -10,7 +10,7 @@ cause committed: none for spend that never committed, none lost in a crash.
 until an answer in 2xx, with exponential backoff, at least once: a row is
 leased to one server at a time, and one whose server died mid-delivery is
 sent again when its lease ends. The body (with its ``id``) is the same bytes
-on every attempt, signed in ``X-Tokenwell-Signature: sha256=<hex>``
+on every attempt, signed in ``X-Tokenwell-Signature: <hex>``
 (HMAC-SHA256 of the body with ``[alerts] secret``); receivers deduplicate by
 the id (also in ``X-Tokenwell-Delivery``).
 """
@@ -44,7 +44,8 @@ _o = alert_outbox.c
 
 
 def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    """``X-Tokenwell-Signature``: the HMAC-SHA256 of the body with the secret, in hex."""
+    return hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
 def _row(event: str, key_id: str | None, fields: dict[str, Any], now: float) -> dict[str, Any]:
