@@ -13,16 +13,17 @@ For the official SDK, one line changes::
     )
 
 Every ``POST …/chat/completions`` and ``POST …/responses`` gets an
-``Idempotency-Key`` (unless it has one). A request whose connection fails before the response, or (not
-streaming) while its body is read, is sent again with the same key: the
-server never generates twice, and answers a retry with the stored result. A
-stream whose connection drops is resumed with ``Last-Event-ID``: the caller
-reads one uninterrupted stream, handed on in whole events only, so no event
-is lost, cut or repeated. Where resuming is impossible (the server kept no
-log, too many failures) the stream ends with an error event (``code``:
-``resume_failed``): for chat, an error chunk and ``[DONE]`` (the SDK raises
-``openai.APIError`` after the chunks that did arrive); for the Responses API,
-its ``error`` event, as OpenAI ends a failed stream.
+``Idempotency-Key`` (unless it has one). A request whose connection fails
+before the response, or (not streaming) while its body is read, is sent again
+with the same key: the server never generates twice, and answers a retry with
+the stored result. A stream whose connection drops is resumed with
+``Last-Event-ID``: the caller reads one uninterrupted stream, handed on in
+whole events only, so no event is lost, cut or repeated. Where resuming is
+impossible (the server kept no log, too many failures) the stream ends with an
+error event (``code``: ``resume_failed``): for chat, an error chunk and
+``[DONE]`` (the SDK raises ``openai.APIError`` after the chunks that did
+arrive); for the Responses API, its ``error`` event, as OpenAI ends a failed
+stream.
 
 The decisions (retry or not, where a stream stands, when to give up) are one
 I/O-free state machine, ``_Resume``; the sync and async transports only move
