@@ -416,7 +416,7 @@ def _columns(fields: KeyFields, given: set[str]) -> dict[str, Any]:
     return values
 
 
-def _record(row: Any, digest: str | None = None) -> KeyRecord:
+def record_of_row(row: Any, digest: str | None = None) -> KeyRecord:
     """The key of a row; ``digest``: the secret's hash it was looked up by."""
     models = row.models
     return KeyRecord(
@@ -508,14 +508,14 @@ class KeyStore:
             query = query.where(api_keys.c.revoked_at.is_(None))
         async with self.db.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [_record(r) for r in rows]
+        return [record_of_row(r) for r in rows]
 
     async def get(self, key_id: str) -> KeyRecord:
         async with self.db.engine.connect() as conn:
             row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
         if row is None:
             raise NotFound(f"No API key with id {key_id!r}.", param="id", code="key_not_found")
-        return _record(row)
+        return record_of_row(row)
 
     async def timezones(self, key_ids: set[str]) -> dict[str, str | None]:
         """The time zone of each of these keys (those that exist)."""
@@ -674,7 +674,7 @@ class KeyStore:
                     select(api_keys).where(or_(c.key_hash == digest, c.previous_key_hash == digest))
                 )
             ).first()
-        record = _record(row, digest) if row is not None else None
+        record = record_of_row(row, digest) if row is not None else None
         if record is not None and not (
             self.hasher.same(record.key_hash, digest)
             or self.hasher.same(record.previous_key_hash or "", digest)

@@ -10,11 +10,11 @@ from datetime import date
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, cast, func, select
+from sqlalchemy import JSON, cast, func, select, true
 
 from tokenwell.billing import endusers
 from tokenwell.billing.db import Database, api_keys, requests
-from tokenwell.billing.keys import MASTER, KeyRecord
+from tokenwell.billing.keys import MASTER, KeyRecord, record_of_row
 from tokenwell.billing.money import nanos_to_usd
 from tokenwell.errors import InvalidRequest
 
@@ -44,15 +44,29 @@ def _sums() -> list[Any]:
 async def key_usage(
     db: Database, key: KeyRecord, now: float | None = None, user: str | None = None
 ) -> dict[str, Any]:
-    """A key's totals and budgets; with ``user``, that end user's own view too."""
-    query = select(*_sums()).where(requests.c.key_id == key.id, _billed)
+    """A key's totals and budgets; with ``user``, that end user's own view too.
+
+    The key's spend and its rows' sums are read in one statement, so they agree:
+    a close commits a row and the key's spend together, and two reads could see
+    one without the other (the count of a request without its cost)."""
+    sums = select(*_sums()).where(requests.c.key_id == key.id, _billed).subquery()
+    in_flight = (
+        select(func.count())
+        .where(requests.c.key_id == key.id, requests.c.status == "open")
+        .scalar_subquery()
+        .label("in_flight")
+    )
     async with db.engine.connect() as conn:
-        row = (await conn.execute(query)).one()
-        in_flight = (
-            await conn.execute(
-                select(func.count()).where(requests.c.key_id == key.id, requests.c.status == "open")
+        if key.is_master:  # no key row: its spend is its rows'
+            row = (await conn.execute(select(sums, in_flight))).one()
+        else:
+            query = (
+                select(api_keys, sums, in_flight)
+                .select_from(api_keys.join(sums, true()))  # sums: one row
+                .where(api_keys.c.id == key.id)
             )
-        ).scalar_one()
+            row = (await conn.execute(query)).one()
+            key = record_of_row(row)
     spent = key.spent_nanos if not key.is_master else int(row.cost_nanos)
     remaining = (
         None
@@ -64,7 +78,7 @@ async def key_usage(
         "key_id": key.id,
         "name": key.name,
         "requests": int(row.requests),
-        "in_flight": int(in_flight),
+        "in_flight": int(row.in_flight),
         "prompt_tokens": int(row.prompt_tokens),
         "cached_tokens": int(row.cached_tokens),
         "completion_tokens": int(row.completion_tokens),

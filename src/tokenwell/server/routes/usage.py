@@ -13,13 +13,9 @@ from tokenwell.server.responses import json_response
 async def own_usage(request: Request) -> Response:
     services = request.app.state.services
     key = await services.accounting.authenticate(request.headers.get("authorization"))
-    if not key.is_master:
-        key = await services.keys.get(key.id)  # fresh spend, not the auth cache's
     user = request.query_params.get("user")
     if user is not None and not 1 <= len(user) <= 256:
         raise InvalidRequest(
             "Invalid 'user': expected 1 to 256 characters.", param="user", code="invalid_value"
         )
-    return json_response(
-        await key_usage(services.db, key, services.accounting.clock(), user=user)
-    )
+    return json_response(await key_usage(services.db, key, services.accounting.clock(), user=user))
