@@ -34,12 +34,25 @@ class _EngineStats(Collector):
             ("queued", "Requests waiting for a slot"),
             ("busy_slots", "Slots generating or prefilling"),
             ("slots", "Parallel slots"),
+            ("prompt_cache_bytes", "Bytes of prompt KV state kept in host memory"),
+            ("prompt_cache_entries", "Prompt KV states kept in host memory"),
         ):
             family = GaugeMetricFamily(f"tokenwell_engine_{name}", help_text, labels=["model"])
             for model, values in stats.items():
                 if name in values:
                     family.add_metric([model], float(values[name]))
             yield family
+        for name, help_text in (
+            ("prompt_tokens_computed", "Prompt tokens the engine computed"),
+            ("prompt_tokens_cached", "Prompt tokens found computed already (a slot or the store)"),
+            ("prompt_cache_restores", "Prompt KV states written back from host memory"),
+            ("prompt_cache_restored_tokens", "Prompt tokens written back from host memory"),
+        ):
+            counter = CounterMetricFamily(f"tokenwell_engine_{name}", help_text, labels=["model"])
+            for model, values in stats.items():
+                if name in values:
+                    counter.add_metric([model], float(values[name]))
+            yield counter
         # Upstream replicas (engines whose stats list ``upstreams``).
         healthy = GaugeMetricFamily(
             "tokenwell_upstream_healthy",

@@ -58,3 +58,24 @@ def test_each_request_adds_its_queue_wait_prefill_and_first_token_time(
     )
     whole = after[f"{STAGES[3]}_sum{{{MODEL}}}"] - before.get(f"{STAGES[3]}_sum{{{MODEL}}}", 0)
     assert parts == pytest.approx(whole, rel=1e-6, abs=1e-6)
+
+
+def test_prompt_tokens_computed_and_cached_are_counted(model_server: Server) -> None:
+    computed = f"tokenwell_engine_prompt_tokens_computed_total{{{MODEL}}}"
+    cached = f"tokenwell_engine_prompt_tokens_cached_total{{{MODEL}}}"
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Name a colour of the rainbow."}],
+        "max_tokens": 2,
+    }
+    with model_server.http() as http:
+        before = scrape(model_server)
+        first = http.post("/v1/chat/completions", json=body).json()["usage"]
+        second = http.post("/v1/chat/completions", json=body).json()["usage"]
+    after = scrape(model_server)
+    # Every prompt token is either computed or found cached, exactly as billed.
+    billed = first["prompt_tokens"] + second["prompt_tokens"]
+    found = sum(u["prompt_tokens_details"]["cached_tokens"] for u in (first, second))
+    assert after[cached] - before[cached] == found >= second["prompt_tokens"] - 1
+    assert after[computed] - before[computed] == billed - found
+    assert f"tokenwell_engine_prompt_cache_bytes{{{MODEL}}}" in after

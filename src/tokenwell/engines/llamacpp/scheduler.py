@@ -17,13 +17,16 @@ with embeddings on: a step may first compute the next waiting inputs (about
 
 A slot keeps its KV cells after a request ends: the next request is placed in
 the free slot sharing the longest token prefix with its prompt, and only the
-rest of the prompt is computed (``cached_tokens``).
+rest of the prompt is computed (``cached_tokens``). Before a slot's cells are
+given away, its state may be kept in host memory and written back later into
+any slot (promptcache.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -40,6 +43,7 @@ from llama_cpp import llama_cpp as L
 from tokenwell import faults
 from tokenwell.engines.base import Generation
 from tokenwell.engines.llamacpp.model import Model
+from tokenwell.engines.llamacpp.promptcache import Kept, PromptStore, common_prefix
 from tokenwell.engines.llamacpp.sampling import (
     SamplingParams,
     Scratch,
@@ -62,6 +66,12 @@ EMBED_SEQS = 64
 # While streams generate, embeddings may take this share of the time the streams'
 # own steps take (their inter-token latency grows by about this much, at most).
 EMBED_SHARE = 0.4
+# A slot's state is kept in host memory before it is given away when it would
+# lose at least this many tokens; a kept state is written back into a slot when
+# it saves at least RESTORE_MIN tokens more than the best free slot (a copy of
+# the state costs about as much as computing a few tokens).
+KEEP_MIN = 64
+RESTORE_MIN = 32
 
 
 @dataclass(eq=False)
@@ -132,18 +142,6 @@ class Seq:
     done: bool = False
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix, by bisection over C-speed slice compares."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 class Scheduler:
     def __init__(
         self,
@@ -178,6 +176,10 @@ class Scheduler:
         self.admitted = 0
         self.steps = 0
         self.tokens_generated = 0
+        # Prompt tokens computed, and found cached (in a slot or the host store).
+        self.prompt_tokens_computed = 0
+        self.prompt_tokens_cached = 0
+        self.store = PromptStore(settings.cache_ram << 20)
         # Where the scheduler's time goes (seconds): in llama_decode, in sampling,
         # and in its own bookkeeping; for /metrics and the benchmarks.
         self.decode_seconds = 0.0
@@ -519,21 +521,38 @@ class Scheduler:
 
     def _place(self, job: Job, free: list[Slot]) -> None:
         prompt = job.prompt
+        limit = len(prompt) - 1  # the last token is always computed (its logits)
         # The free slot holding the longest prefix of this prompt; among equals,
         # the least recently used, so that useful caches live longest.
         primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
-        reuse = min(common_prefix(primary.tokens, prompt), len(prompt) - 1)
+        reuse = min(common_prefix(primary.tokens, prompt), limit)
+        kept, length = self.store.best(prompt) if self.store.enabled else (None, 0)
+        if kept is not None and min(length, limit) >= reuse + RESTORE_MIN:
+            # A kept state shares more: write it back into the free slot whose
+            # cells matter least (empty, or kept already, else least recently used).
+            target = min(free, key=lambda s: (not self._expendable(s), s.last_used))
+            self._keep(target)
+            if self._restore(kept, target):
+                primary, reuse = target, min(length, limit)
+                self.store.used(kept, reuse)
+            else:
+                reuse = min(common_prefix(primary.tokens, prompt), limit)
+        others = sorted((s for s in free if s is not primary), key=lambda s: s.last_used)
+        slots = [primary, *others[: job.n - 1]]
+        if len(primary.tokens) - reuse >= KEEP_MIN:
+            self._keep(primary)
+        for slot in slots[1:]:  # n > 1: these get a copy of the prompt's cells
+            self._keep(slot)
         if not L.llama_memory_seq_rm(self.mem, primary.id, reuse, -1):
             L.llama_memory_seq_rm(self.mem, primary.id, -1, -1)
             reuse = 0
         del primary.tokens[reuse:]
-        others = sorted((s for s in free if s is not primary), key=lambda s: s.last_used)
-        slots = [primary, *others[: job.n - 1]]
         job.placed_at = job.generation.started_at = time.perf_counter()
         self.queue_wait.observe(job.placed_at - job.submitted_at)
         meter = job.generation.meter
         meter.prompt_tokens = len(prompt)
         meter.cached_tokens = reuse
+        self.prompt_tokens_cached += reuse
         job.prefill_pos = reuse
         for choice, slot in enumerate(slots):
             slot.busy = True
@@ -541,6 +560,35 @@ class Scheduler:
             calls = ToolCallParser(choice) if job.tools else None
             text = TextAssembler(job.stops, job.logprobs)
             job.seqs.append(Seq(job, choice, slot, sampler, text, calls))
+
+    # -- the host-memory prompt store
+
+    def _expendable(self, slot: Slot) -> bool:
+        return len(slot.tokens) < KEEP_MIN or self.store.covers(slot.tokens)
+
+    def _keep(self, slot: Slot) -> None:
+        """Copy a free slot's state into host memory before its cells are reused
+        (unless it is short, or a kept state already starts with all of it)."""
+        if not self.store.enabled or self._expendable(slot):
+            return
+        size = L.llama_state_seq_get_size(self.ctx, slot.id)
+        if not self.store.fits(size):
+            return
+        data = (ctypes.c_uint8 * size)()
+        written = L.llama_state_seq_get_data(self.ctx, data, size, slot.id)
+        if written:
+            self.store.put(slot.tokens, data, written)
+
+    def _restore(self, kept: Kept, slot: Slot) -> bool:
+        """Write a kept state into a slot (its own cells dropped first)."""
+        L.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+        slot.tokens.clear()
+        if not L.llama_state_seq_set_data(self.ctx, kept.data, kept.size, slot.id):
+            L.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
+            log.warning("could not restore a kept prompt state; computing the prompt")
+            return False
+        slot.tokens = list(kept.tokens)
+        return True
 
     def _fill_batch(self) -> list[Job]:
         """Fill the batch; returns the jobs whose prompt ends in it.
@@ -590,6 +638,7 @@ class Scheduler:
                 self._add(job.prompt[pos], pos, slot_id, pos == last)
             job.seqs[0].slot.tokens.extend(job.prompt[start:end])
             job.prefill_pos = end
+            self.prompt_tokens_computed += end - start
             if end == len(job.prompt):
                 job.logits_index = self.batch.n_tokens - 1
                 job.logits_output = self.n_outputs - 1

@@ -31,6 +31,9 @@ class LlamaCppSettings(BaseModel):
     # Requests waiting for a slot; beyond this → 503 with Retry-After.
     max_queue: int = Field(default=256, ge=0)
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    # Host memory (MiB) for the KV state of prompts that left their slot, written
+    # back when a prompt with that prefix returns (promptcache.py); 0: off.
+    cache_ram: int = Field(default=1024, ge=0)
     # All slots share one KV pool (better for shared prefixes) or each has its own.
     kv_unified: bool = False
     # Before serving, prove in a child process that this build can decode on
