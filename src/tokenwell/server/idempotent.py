@@ -350,7 +350,9 @@ class IdempotencyService:
             return reader(view, after=last_event_id, replayed=True, keepalive=self.keepalive)
         local = self.logs.get(rid)
         if local is not None:
-            await self._count(rid, "attachments")
+            # Answered in full already (its result is being stored): a replay,
+            # though read from memory; else the connection joins a live request.
+            await self._count(rid, "replays" if local.complete else "attachments")
             return reader(local, after=last_event_id, replayed=True, keepalive=self.keepalive)
         if self.remote is not None and await self.remote.exists(rid):
             await self._count(rid, "attachments")
