@@ -153,13 +153,14 @@ async def session(
     rng = random.Random(1000 + s)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}]
     turns = []
-    async with httpx.AsyncClient(timeout=600) as client:
-        for t in range(args.turns):
-            messages.append({"role": "user", "content": user_turn(s, t, rng)})
+    for t in range(args.turns):
+        messages.append({"role": "user", "content": user_turn(s, t, rng)})
+        # A fresh connection per turn: llama-server drops idle keep-alive ones.
+        async with httpx.AsyncClient(timeout=600) as client:
             text, turn = await one_turn(client, base, headers, messages, args.tokens)
-            turn.session, turn.turn = s, t
-            turns.append(turn)
-            messages.append({"role": "assistant", "content": text})
+        turn.session, turn.turn = s, t
+        turns.append(turn)
+        messages.append({"role": "assistant", "content": text})
     return turns
 
 

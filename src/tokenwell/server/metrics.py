@@ -47,6 +47,8 @@ class _EngineStats(Collector):
             ("prompt_tokens_cached", "Prompt tokens found computed already (a slot or the store)"),
             ("prompt_cache_restores", "Prompt KV states written back from host memory"),
             ("prompt_cache_restored_tokens", "Prompt tokens written back from host memory"),
+            ("prompt_slot_copies", "Prompt KV states copied from a busy slot into a free one"),
+            ("prompt_slot_copied_tokens", "Prompt tokens copied from a busy slot"),
         ):
             counter = CounterMetricFamily(f"tokenwell_engine_{name}", help_text, labels=["model"])
             for model, values in stats.items():

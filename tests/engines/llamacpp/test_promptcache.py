@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 from typing import Any
 
@@ -11,8 +12,9 @@ from hypothesis import strategies as st
 
 from tokenwell.engines.llamacpp import LlamaCppEngine
 from tokenwell.engines.llamacpp.promptcache import PromptStore, common_prefix
+from tokenwell.protocol.events import TextDelta
 
-from .test_scheduler import run, with_engine
+from .test_scheduler import request, run, with_engine
 
 
 def state(size: int) -> Any:
@@ -120,3 +122,54 @@ def test_without_host_memory_an_evicted_conversation_is_computed_again() -> None
         assert len(engine.scheduler.store) == 0  # type: ignore[union-attr]
 
     with_engine(test, parallel=1, context=2048, cache_ram=0)
+
+
+async def first_tokens(engine: LlamaCppEngine, prompt: Any) -> tuple[list[tuple[str, float]], Any]:
+    """The first tokens' text and log-probability, greedy; and the generation."""
+    gen = engine.submit(engine.prepare(request(prompt, max_tokens=4, temperature=0, logprobs=True)))
+    got: list[tuple[str, float]] = []
+    while not gen.exhausted:
+        for event in await gen.next_batch(10):
+            if isinstance(event, TextDelta) and event.logprobs:
+                got.extend((e["token"], e["logprob"]) for e in event.logprobs)
+    return got, gen
+
+
+@pytest.mark.slow
+def test_sessions_that_start_together_compute_their_shared_prefix_once() -> None:
+    questions = ["the sea", "the sky", "a forest", "a desert"]
+    prompts = [
+        [{"role": "system", "content": LONG}, {"role": "user", "content": f"Describe {q}."}]
+        for q in questions
+    ]
+    alone: list[list[tuple[str, float]]] = []
+    billed: list[int] = []
+
+    async def one_by_one(engine: LlamaCppEngine) -> None:
+        for prompt in prompts:
+            tokens, gen = await first_tokens(engine, prompt)
+            alone.append(tokens)
+            billed.append(gen.meter.prompt_tokens)
+
+    async def together(engine: LlamaCppEngine) -> None:
+        scheduler = engine.scheduler
+        assert scheduler is not None
+        results = await asyncio.gather(*(first_tokens(engine, p) for p in prompts))
+        # The same first tokens, as likely, as each prompt computed in a fresh
+        # engine: the copied cells are the system prompt's. (Not the whole
+        # greedy text: a step's other rows change the last float bits, and a
+        # near tie later with them, with or without a copy.)
+        for (tokens, _), expected in zip(results, alone, strict=True):
+            assert tokens[0][0] == expected[0][0]
+            assert tokens[0][1] == pytest.approx(expected[0][1], abs=0.02)
+        # The system prompt computed once: the others copied it.
+        ids = [engine.prepare(request(p)).payload[0] for p in prompts[:2]]
+        shared = common_prefix(ids[0], ids[1])
+        assert shared > 400
+        assert scheduler.prompt_tokens_computed <= sum(billed) - 3 * shared + 3 * 32
+        assert scheduler.slot_copies >= 1
+        cached = sum(gen.meter.cached_tokens for _, gen in results)
+        assert scheduler.prompt_tokens_computed == sum(billed) - cached
+
+    with_engine(one_by_one, parallel=1, context=2048, cache_ram=0)
+    with_engine(together, parallel=4, context=2048)

@@ -283,6 +283,8 @@ class LlamaCppEngine(Engine):
             "prompt_cache_entries": len(scheduler.store),
             "prompt_cache_restores": scheduler.store.restores,
             "prompt_cache_restored_tokens": scheduler.store.restored_tokens,
+            "prompt_slot_copies": scheduler.slot_copies,
+            "prompt_slot_copied_tokens": scheduler.slot_copied_tokens,
             "decode_seconds": round(scheduler.decode_seconds, 6),
             "sample_seconds": round(scheduler.sample_seconds, 6),
             "step_seconds": round(scheduler.step_seconds, 6),

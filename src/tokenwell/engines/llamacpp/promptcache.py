@@ -107,8 +107,10 @@ class PromptStore:
         return new
 
     def used(self, kept: Kept, tokens: int) -> None:
-        """A state was written back into a slot: it is now the most recently used."""
-        self._kept.move_to_end(id(kept))
+        """A state was written back into a slot: it is now the most recently used
+        (if it is still kept: making room for another may have dropped it)."""
+        if id(kept) in self._kept:
+            self._kept.move_to_end(id(kept))
         self.restores += 1
         self.restored_tokens += tokens
 

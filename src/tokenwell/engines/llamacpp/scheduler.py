@@ -69,9 +69,11 @@ EMBED_SHARE = 0.4
 # A slot's state is kept in host memory before it is given away when it would
 # lose at least this many tokens; a kept state is written back into a slot when
 # it saves at least RESTORE_MIN tokens more than the best free slot (a copy of
-# the state costs about as much as computing a few tokens).
+# the state costs about as much as computing a few tokens); so is a busy slot's.
 KEEP_MIN = 64
 RESTORE_MIN = 32
+# Waiting prompts looked at per step for a prefix that another slot is computing.
+DEFER_MAX = 16
 
 
 @dataclass(eq=False)
@@ -180,6 +182,9 @@ class Scheduler:
         self.prompt_tokens_computed = 0
         self.prompt_tokens_cached = 0
         self.store = PromptStore(settings.cache_ram << 20)
+        # Prompt states copied from a busy slot into a free one (and their tokens).
+        self.slot_copies = 0
+        self.slot_copied_tokens = 0
         # Where the scheduler's time goes (seconds): in llama_decode, in sampling,
         # and in its own bookkeeping; for /metrics and the benchmarks.
         self.decode_seconds = 0.0
@@ -502,12 +507,16 @@ class Scheduler:
                 closed.append(job.generation)
 
     def _admit(self, events: dict[Generation, list[Event]], closed: list[Generation]) -> None:
+        deferred: list[Job] = []
         while self._waiting:
             job = self._waiting[0]
             free = [slot for slot in self.slots if not slot.busy]
             if len(free) < job.n:
-                return
+                break
             self._waiting.popleft()
+            if len(deferred) < DEFER_MAX and self._wait_for_shared(job):
+                deferred.append(job)
+                continue
             self.admitted += 1
             try:
                 self._place(job, free)
@@ -518,6 +527,29 @@ class Scheduler:
                 closed.append(job.generation)
                 continue
             self._prefilling.append(job)
+        self._waiting.extendleft(reversed(deferred))
+
+    def _wait_for_shared(self, job: Job) -> bool:
+        """Whether another slot is computing a prefix this prompt shares, beyond
+        what is computed anywhere yet: then it waits, and copies it when done
+        (sessions that start together behind one long system prompt compute it
+        once, not once per slot)."""
+        if not self.store.enabled or not self._prefilling:
+            return False
+        limit = len(job.prompt) - 1
+        wanted = 0
+        for other in self._prefilling:
+            shared = min(common_prefix(other.prompt, job.prompt), limit)
+            if shared - other.prefill_pos >= RESTORE_MIN:
+                wanted = max(wanted, shared)
+        if not wanted:
+            return False
+        return self._available(job.prompt) + RESTORE_MIN <= wanted
+
+    def _available(self, prompt: list[int]) -> int:
+        """The longest prefix of ``prompt`` computed anywhere: a slot, or the store."""
+        best = max((common_prefix(slot.tokens, prompt) for slot in self.slots), default=0)
+        return max(best, self.store.best(prompt)[1])
 
     def _place(self, job: Job, free: list[Slot]) -> None:
         prompt = job.prompt
@@ -526,15 +558,15 @@ class Scheduler:
         # the least recently used, so that useful caches live longest.
         primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
         reuse = min(common_prefix(primary.tokens, prompt), limit)
-        kept, length = self.store.best(prompt) if self.store.enabled else (None, 0)
-        if kept is not None and min(length, limit) >= reuse + RESTORE_MIN:
-            # A kept state shares more: write it back into the free slot whose
-            # cells matter least (empty, or kept already, else least recently used).
+        source, length = self._best_source(prompt) if self.store.enabled else (None, 0)
+        if source is not None and min(length, limit) >= reuse + RESTORE_MIN:
+            # A kept state, or a busy slot, shares more: copy it into the free
+            # slot whose cells matter least (empty, or kept already, else least
+            # recently used).
             target = min(free, key=lambda s: (not self._expendable(s), s.last_used))
             self._keep(target)
-            if self._restore(kept, target):
+            if self._copy(source, target, min(length, limit)):
                 primary, reuse = target, min(length, limit)
-                self.store.used(kept, reuse)
             else:
                 reuse = min(common_prefix(primary.tokens, prompt), limit)
         others = sorted((s for s in free if s is not primary), key=lambda s: s.last_used)
@@ -579,15 +611,45 @@ class Scheduler:
         if written:
             self.store.put(slot.tokens, data, written)
 
-    def _restore(self, kept: Kept, slot: Slot) -> bool:
-        """Write a kept state into a slot (its own cells dropped first)."""
+    def _donors(self) -> list[Slot]:
+        """Busy slots whose cells may be copied: every computed token is in its
+        cells between steps (not so a choice of n > 1 whose copy of the prompt
+        llama.cpp makes at the next decode)."""
+        slots = [seq.slot for seq in self._running if seq.job.n == 1]
+        slots.extend(job.seqs[0].slot for job in self._prefilling)
+        return slots
+
+    def _best_source(self, prompt: list[int]) -> tuple[Kept | Slot | None, int]:
+        source: Kept | Slot | None
+        source, length = self.store.best(prompt)
+        for slot in self._donors():
+            n = common_prefix(slot.tokens, prompt)
+            if n > length:
+                source, length = slot, n
+        return source, length
+
+    def _copy(self, source: Kept | Slot, slot: Slot, reuse: int) -> bool:
+        """Write a kept state, or a busy slot's state, into a free slot (its own
+        cells dropped first); ``reuse`` of its tokens serve the new prompt."""
+        if isinstance(source, Slot):
+            size = L.llama_state_seq_get_size(self.ctx, source.id)
+            data = (ctypes.c_uint8 * size)()
+            size = L.llama_state_seq_get_data(self.ctx, data, size, source.id)
+            tokens = list(source.tokens)
+        else:
+            data, size, tokens = source.data, source.size, list(source.tokens)
         L.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
         slot.tokens.clear()
-        if not L.llama_state_seq_set_data(self.ctx, kept.data, kept.size, slot.id):
+        if not size or not L.llama_state_seq_set_data(self.ctx, data, size, slot.id):
             L.llama_memory_seq_rm(self.mem, slot.id, -1, -1)
-            log.warning("could not restore a kept prompt state; computing the prompt")
+            log.warning("could not copy a prompt's state into a slot; computing the prompt")
             return False
-        slot.tokens = list(kept.tokens)
+        slot.tokens = tokens
+        if isinstance(source, Slot):
+            self.slot_copies += 1
+            self.slot_copied_tokens += reuse
+        else:
+            self.store.used(source, reuse)
         return True
 
     def _fill_batch(self) -> list[Job]:
