@@ -13,13 +13,16 @@ tokenwell's own ggml flags by bench/peers.py, its prompt cache and slot
 similarity at their defaults):
 - ``tokenwell``: the embedded engine with its host-memory prompt store;
 - ``tokenwell-nostore``: the same with ``cache_ram = 0`` (slots only);
+- ``tokenwell-unbounded``: the same with ``step_ms = 0`` (a prompt read beside
+  running streams in chunks of ``prefill_chunk``, however long a step takes);
 - ``llama-server``.
 
 Reported per server: prompt tokens computed on turns 2 and later against the
 tokens that were new there (a turn's prompt minus the previous turn's prompt
 and answer, whose cells the session computed already), from tokenwell's
 ``cached_tokens`` and llama-server's ``timings.prompt_n``; time to first
-token p50/p99 from turn 2 on; the whole run's wall time; aggregate generated
+token p50/p99 from turn 2 on; inter-token latency p50/p99 (a long prompt read
+beside the streams stalls them); the whole run's wall time; aggregate generated
 tokens/s; the server's resident memory (peak, and at the end).
 
     ./dev bench agents [--sessions 8] [--turns 6] [--prefix 3000] [--tokens 100]
@@ -90,6 +93,7 @@ class Turn:
     computed: int = 0
     completion: int = 0
     ttft: float = 0.0
+    gaps: list[float] = field(default_factory=list)  # between content chunks
 
 
 @dataclass
@@ -114,7 +118,7 @@ async def one_turn(
     }
     turn = Turn(0, 0)
     text = ""
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     buffer = b""
     async with client.stream(
         "POST", f"{base}/v1/chat/completions", json=body, headers=headers
@@ -131,8 +135,12 @@ async def one_turn(
                 for choice in chunk.get("choices") or []:
                     content = choice["delta"].get("content")
                     if content:
+                        now = time.perf_counter()
                         if not text:
-                            turn.ttft = time.perf_counter() - start
+                            turn.ttft = now - start
+                        else:
+                            turn.gaps.append(now - last)
+                        last = now
                         text += content
                 usage = chunk.get("usage")
                 if usage:
@@ -199,7 +207,10 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str]]:
     from tokenwell.engines.llamacpp.model import builtin_model_path
 
     if name.startswith("tokenwell"):
-        store = "cache_ram = 0\n" if name == "tokenwell-nostore" else ""
+        store = {
+            "tokenwell-nostore": "cache_ram = 0\n",  # slots only
+            "tokenwell-unbounded": "step_ms = 0\n",  # prompt chunks of prefill_chunk
+        }.get(name, "")
         proc = tokenwell(
             f'[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
             f"context = {CONTEXT}\nthreads = {threads}\n{store}"
@@ -239,6 +250,7 @@ def summary(name: str, result: Result, tokens: int) -> dict[str, Any]:
     computed = sum(t.computed for t in later)
     ttfts = [t.ttft for t in later]
     generated = sum(t.completion for t in result.turns)
+    gaps = [g for t in result.turns for g in t.gaps]
     return {
         "server": name,
         "computed_later": computed,
@@ -247,6 +259,8 @@ def summary(name: str, result: Result, tokens: int) -> dict[str, Any]:
         "computed_all": sum(t.computed for t in result.turns),
         "ttft_p50": median(ttfts),
         "ttft_p99": pct(ttfts, 99),
+        "itl_p50": median(gaps),
+        "itl_p99": pct(gaps, 99),
         "wall": result.wall,
         "tokens_per_s": generated / result.wall,
         "rss_peak_mib": result.rss_peak / 2**20,
@@ -278,14 +292,17 @@ def main() -> None:
     print()
     print(
         "| server | prompt tokens computed, turns 2+ | new tokens, turns 2+ | computed / new "
-        "| TTFT p50, turns 2+ | TTFT p99, turns 2+ | wall | tokens/s | RSS peak / end |"
+        "| TTFT p50, turns 2+ | TTFT p99, turns 2+ | inter-token p50 / p99 | wall | tokens/s "
+        "| RSS peak / end |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
             f"| {r['server']} | {r['computed_later']:,} | {r['new_later']:,} "
             f"| {r['computed_per_new']:.2f}x | {r['ttft_p50'] * 1000:.0f} ms "
-            f"| {r['ttft_p99'] * 1000:.0f} ms | {r['wall']:.1f} s | {r['tokens_per_s']:.1f} "
+            f"| {r['ttft_p99'] * 1000:.0f} ms "
+            f"| {r['itl_p50'] * 1000:.0f} / {r['itl_p99'] * 1000:.0f} ms "
+            f"| {r['wall']:.1f} s | {r['tokens_per_s']:.1f} "
             f"| {r['rss_peak_mib']:.0f} / {r['rss_end_mib']:.0f} MiB |"
         )
     if args.json:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tokenwell.engines.llamacpp.stepcost import MIN_STEPS, StepCost
+from tokenwell.engines.llamacpp.stepcost import MIN_CHUNK, MIN_STEPS, StepCost
 
 
 def learnt(
@@ -70,3 +70,16 @@ def test_where_a_step_costs_mostly_its_fixed_part_prompts_share_it() -> None:
     # A GPU-like cost: four prompts cost hardly more than one.
     cost = learnt(0.030, 0.0001, 0.00002)
     assert all(cost.worth_joining(k, 45, 0) for k in range(8))
+
+
+def test_a_long_prompt_is_read_in_chunks_that_keep_a_step_near_its_target() -> None:
+    cost = learnt(fixed=0.005, per_token=0.004, per_prompt=0.002)
+    room = cost.prompt_room(4, 0.5)
+    assert room is not None
+    # 5 ms + 4 x 4 ms + room x 2 ms = 500 ms
+    assert abs(room - (0.5 - 0.005 - 0.016) / 0.002) <= 2
+    # However slow prompt tokens are, a short prompt still fits in one step.
+    assert cost.prompt_room(64, 0.05) == MIN_CHUNK
+    # No bound asked for, or nothing learnt yet: prefill_chunk alone decides.
+    assert cost.prompt_room(4, 0) is None
+    assert StepCost().prompt_room(4, 0.5) is None

@@ -667,6 +667,9 @@ class Scheduler:
         room = capacity - len(self._running)
         if self._running:
             room = min(room, self.settings.prefill_chunk)
+            bound = self.cost.prompt_room(len(self._running), self.settings.step_ms / 1000)
+            if bound is not None:
+                room = min(room, bound)
         chunks: list[tuple[Job, int, int]] = []
         completed: list[Job] = []
         for job in self._prefilling:

@@ -26,8 +26,12 @@ class LlamaCppSettings(BaseModel):
     # Tokens per decode step (llama.cpp n_batch) and per compute pass (n_ubatch).
     batch: int = Field(default=2048, ge=32)
     ubatch: int = Field(default=512, ge=32)
-    # While sequences generate, a prompt is prefilled this many tokens per step.
+    # While sequences generate, a prompt is prefilled this many tokens per step
+    # at most, and fewer where a step would then take longer than step_ms (its
+    # cost learnt from the steps: the streams' inter-token latency while long
+    # prompts are read stays about step_ms; 0: prefill_chunk alone decides).
     prefill_chunk: int = Field(default=512, ge=16)
+    step_ms: float = Field(default=150, ge=0)
     # Requests waiting for a slot; beyond this → 503 with Retry-After.
     max_queue: int = Field(default=256, ge=0)
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)

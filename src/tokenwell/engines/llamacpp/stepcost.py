@@ -29,6 +29,11 @@ WINDOW = 512
 REFIT_EVERY = 16
 MIN_STEPS = 32
 MIN_PROMPT_STEPS = 4
+# While streams generate, a step computes at least this many prompt tokens,
+# however slow prompt tokens are: a chat prompt of a few lines is read in one
+# step (split, its first token would wait a step more); only long prompts are
+# read in bounded chunks.
+MIN_CHUNK = 128
 
 
 class StepCost:
@@ -89,3 +94,13 @@ class StepCost:
         delay_others = prompts * self.per_prompt * tokens
         next_step = self.fixed + self.per_token * (generating + prompts)
         return delay_others < next_step
+
+    def prompt_room(self, generating: int, step_seconds: float) -> int | None:
+        """How many prompt tokens a step may compute beside ``generating``
+        sequences' tokens and still take about ``step_seconds`` (the streams'
+        inter-token latency while a long prompt is read); None while the fit
+        is unknown or no bound is asked for."""
+        if self.fixed is None or step_seconds <= 0 or self.per_prompt <= 0:
+            return None
+        spare = step_seconds - self.fixed - self.per_token * generating
+        return max(MIN_CHUNK, int(spare / self.per_prompt))
