@@ -43,8 +43,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bench import peers
-from bench.common import MASTER, MODEL, NO_EOS, Process, free_port, median, pct, tokenwell
+from bench.common import MASTER, MODEL, NO_EOS, Process, llama_server, median, pct, tokenwell
 
 PARALLEL = 4
 CONTEXT = 8192  # per slot
@@ -204,8 +203,6 @@ async def replay(proc: Process, headers: dict[str, str], args: argparse.Namespac
 
 
 def start(name: str, threads: int) -> tuple[Process, dict[str, str]]:
-    from tokenwell.engines.llamacpp.model import builtin_model_path
-
     if name.startswith("tokenwell"):
         store = {
             "tokenwell-nostore": "cache_ram = 0\n",  # slots only
@@ -217,26 +214,7 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str]]:
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}
     if name == "llama-server":
-        port = free_port()
-        argv = [
-            str(peers.llama_server()),
-            "-m",
-            str(builtin_model_path()),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--parallel",
-            str(PARALLEL),
-            "-c",
-            str(PARALLEL * CONTEXT),
-            "-t",
-            str(threads),
-            "-tb",
-            str(threads),
-            "--no-webui",
-        ]
-        return Process(argv, port).wait(), {}
+        return llama_server(threads, "--parallel", str(PARALLEL), "-c", str(PARALLEL * CONTEXT)), {}
     raise SystemExit(f"unknown server {name}")
 
 

@@ -130,6 +130,32 @@ def tokenwell(
     )
 
 
+def llama_server(threads: int, *options: str) -> Process:
+    """llama.cpp's llama-server (bench/peers.py: built with tokenwell's ggml
+    flags) on the built-in GGUF, on a free local port, ready; ``options``
+    are its own (slots, context, embeddings...)."""
+    from bench import peers
+    from tokenwell.engines.llamacpp.model import builtin_model_path
+
+    port = free_port()
+    argv = [
+        str(peers.llama_server()),
+        "-m",
+        str(builtin_model_path()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "--no-webui",
+        *options,
+    ]
+    return Process(argv, port).wait()
+
+
 @dataclass
 class Run:
     ttft: float = 0.0  # seconds to the first content

@@ -49,6 +49,7 @@ from bench.common import (
     PROMPTS,
     Process,
     free_port,
+    llama_server,
     median,
     pct,
     stream_chat,
@@ -73,31 +74,13 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
             env=env,
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}, MODEL
-    port = free_port()
     if name == "llama-server":
-        binary = peers.llama_server()
-        proc = Process(
-            [
-                str(binary),
-                "-m",
-                gguf,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--parallel",
-                str(PARALLEL),
-                "-c",
-                str(PARALLEL * CONTEXT),
-                "-t",
-                str(threads),
-                "-tb",
-                str(threads),
-                "--no-webui",
-            ],
-            port,
+        return (
+            llama_server(threads, "--parallel", str(PARALLEL), "-c", str(PARALLEL * CONTEXT)),
+            {},
+            MODEL,
         )
-        return proc.wait(), {}, MODEL
+    port = free_port()
     if name == "llama-cpp-server":
         python = peers.llama_cpp_server()
         proc = Process(

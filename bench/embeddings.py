@@ -26,9 +26,7 @@ from typing import Any
 
 import httpx
 
-from bench import peers
-from bench.common import MASTER, MODEL, NO_EOS, Process, free_port, tokenwell
-from tokenwell.engines.llamacpp.model import builtin_model_path
+from bench.common import MASTER, MODEL, NO_EOS, Process, llama_server, tokenwell
 
 CONTEXT = 2048
 SIZES = (1, 16, 128)
@@ -73,31 +71,11 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str]]:
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}
     assert name == "llama-server", name
-    port = free_port()
-    args = [
-        str(peers.llama_server()),
-        "-m",
-        str(builtin_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--embeddings",
-        "--pooling",
-        "mean",
-        "-c",
-        str(CONTEXT),
-        "-b",
-        str(CONTEXT),
-        "-ub",
-        str(CONTEXT),
-        "-t",
-        str(threads),
-        "-tb",
-        str(threads),
-        "--no-webui",
-    ]
-    return Process(args, port).wait(), {}
+    return llama_server(
+        threads,
+        *("--embeddings", "--pooling", "mean", "-c", str(CONTEXT)),
+        *("-b", str(CONTEXT), "-ub", str(CONTEXT)),
+    ), {}
 
 
 def inputs_per_second(base: str, headers: dict[str, str], size: int, seconds: float) -> float:
