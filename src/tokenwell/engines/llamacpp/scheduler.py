@@ -558,6 +558,7 @@ class Scheduler:
         # the least recently used, so that useful caches live longest.
         primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
         reuse = min(common_prefix(primary.tokens, prompt), limit)
+        copied = False
         source, length = self._best_source(prompt) if self.store.enabled else (None, 0)
         if source is not None and min(length, limit) >= reuse + RESTORE_MIN:
             # A kept state, or a busy slot, shares more: copy it into the free
@@ -565,13 +566,15 @@ class Scheduler:
             # recently used).
             target = min(free, key=lambda s: (not self._expendable(s), s.last_used))
             self._keep(target)
-            if self._copy(source, target, min(length, limit)):
+            copied = self._copy(source, target, min(length, limit))
+            if copied:
                 primary, reuse = target, min(length, limit)
             else:
                 reuse = min(common_prefix(primary.tokens, prompt), limit)
         others = sorted((s for s in free if s is not primary), key=lambda s: s.last_used)
         slots = [primary, *others[: job.n - 1]]
-        if len(primary.tokens) - reuse >= KEEP_MIN:
+        if not copied and len(primary.tokens) - reuse >= KEEP_MIN:
+            # (A copy's cells are kept already, or live in their busy slot.)
             self._keep(primary)
         for slot in slots[1:]:  # n > 1: these get a copy of the prompt's cells
             self._keep(slot)
