@@ -23,6 +23,37 @@ from prometheus_client.utils import floatToGoString
 from tokenwell.engines.timings import HistogramSnapshot
 from tokenwell.protocol.events import Meter
 
+# An engine's stats() values exported per model: gauges (now) and counters (since start).
+_ENGINE_VALUES: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str], ...] = (
+    (GaugeMetricFamily, "queued", "Requests waiting for a slot"),
+    (GaugeMetricFamily, "busy_slots", "Slots generating or prefilling"),
+    (GaugeMetricFamily, "slots", "Parallel slots"),
+    (GaugeMetricFamily, "prompt_cache_bytes", "Bytes of prompt KV state kept in host memory"),
+    (GaugeMetricFamily, "prompt_cache_entries", "Prompt KV states kept in host memory"),
+    (CounterMetricFamily, "prompt_tokens_computed", "Prompt tokens the engine computed"),
+    (
+        CounterMetricFamily,
+        "prompt_tokens_cached",
+        "Prompt tokens found computed already (a slot or the store)",
+    ),
+    (
+        CounterMetricFamily,
+        "prompt_cache_restores",
+        "Prompt KV states written back from host memory",
+    ),
+    (
+        CounterMetricFamily,
+        "prompt_cache_restored_tokens",
+        "Prompt tokens written back from host memory",
+    ),
+    (
+        CounterMetricFamily,
+        "prompt_slot_copies",
+        "Prompt KV states copied from a busy slot into a free one",
+    ),
+    (CounterMetricFamily, "prompt_slot_copied_tokens", "Prompt tokens copied from a busy slot"),
+)
+
 
 class _EngineStats(Collector):
     def __init__(self, source: Callable[[], dict[str, dict[str, Any]]]) -> None:
@@ -30,31 +61,12 @@ class _EngineStats(Collector):
 
     def collect(self):  # type: ignore[no-untyped-def]
         stats = self._source()
-        for name, help_text in (
-            ("queued", "Requests waiting for a slot"),
-            ("busy_slots", "Slots generating or prefilling"),
-            ("slots", "Parallel slots"),
-            ("prompt_cache_bytes", "Bytes of prompt KV state kept in host memory"),
-            ("prompt_cache_entries", "Prompt KV states kept in host memory"),
-        ):
-            family = GaugeMetricFamily(f"tokenwell_engine_{name}", help_text, labels=["model"])
+        for kind, name, help_text in _ENGINE_VALUES:
+            family = kind(f"tokenwell_engine_{name}", help_text, labels=["model"])
             for model, values in stats.items():
                 if name in values:
                     family.add_metric([model], float(values[name]))
             yield family
-        for name, help_text in (
-            ("prompt_tokens_computed", "Prompt tokens the engine computed"),
-            ("prompt_tokens_cached", "Prompt tokens found computed already (a slot or the store)"),
-            ("prompt_cache_restores", "Prompt KV states written back from host memory"),
-            ("prompt_cache_restored_tokens", "Prompt tokens written back from host memory"),
-            ("prompt_slot_copies", "Prompt KV states copied from a busy slot into a free one"),
-            ("prompt_slot_copied_tokens", "Prompt tokens copied from a busy slot"),
-        ):
-            counter = CounterMetricFamily(f"tokenwell_engine_{name}", help_text, labels=["model"])
-            for model, values in stats.items():
-                if name in values:
-                    counter.add_metric([model], float(values[name]))
-            yield counter
         # Upstream replicas (engines whose stats list ``upstreams``).
         healthy = GaugeMetricFamily(
             "tokenwell_upstream_healthy",
