@@ -624,9 +624,27 @@ def _ms(value: float | None) -> str:
     help="The tokenwell to talk to ($TOKENWELL_URL).",
 )
 @click.option("--system", default=None, help="A system prompt for the conversation.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most this many tokens per answer (default: the server's).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 2),
+    default=None,
+    help="Sampling temperature, 0 to 2 (default: the server's).",
+)
 @data_dir_option
 def chat(
-    model: str | None, key: str | None, url: str, system: str | None, data_dir: Path | None
+    model: str | None,
+    key: str | None,
+    url: str,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    data_dir: Path | None,
 ) -> None:
     """Chat in the terminal: tokens stream as they come, each turn's usage and cost
     follow it; /reset, /model [NAME], /quit."""
@@ -646,7 +664,14 @@ def chat(
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (line editing and history for input())
     try:
-        session = TerminalChat(url, key, model, sys.stdout, system=system)
+        session = TerminalChat(
+            url,
+            key,
+            model,
+            sys.stdout,
+            system=system,
+            options={"max_tokens": max_tokens, "temperature": temperature},
+        )
     except ChatError as exc:
         raise click.ClickException(str(exc)) from exc
     except httpx.HTTPError as exc:

@@ -105,9 +105,19 @@ def test_errors_are_a_line_and_the_chat_goes_on(scripted_server: Server) -> None
     child.expect_exact("no model 'scripted' for this key")
     child.expect_exact("you> ")
     child.sendline("word " * 100)  # past the model's 64-token context
-    child.expect(r"error: HTTP 400: .*context")
+    child.expect(r"error: HTTP 400: .*context.*\(/reset starts a new one\)")
     _, ok = turn(child, "hi")
     assert ok["completion"] > 0 and ok["prompt"] < 64  # the refused turn was not kept
+    child.expect_exact("you> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
+def test_answers_bounded_by_the_options(scripted_server: Server) -> None:
+    child = chat(scripted_server, "sk-test-master", "--model", "scripted-64", "--max-tokens", "5")
+    _, bounded = turn(child, "go on")
+    assert bounded["completion"] == 5  # the model would say 64
+    assert ledger_row(scripted_server, str(bounded["id"]))["completion_tokens"] == 5
     child.expect_exact("you> ")
     child.sendline("/quit")
     child.expect(pexpect.EOF)
@@ -123,10 +133,12 @@ def test_a_wrong_key_is_one_sentence(scripted_server: Server) -> None:
 
 @pytest.mark.slow
 def test_chatting_with_the_real_model(model_server: Server) -> None:
-    child = chat(model_server, "sk-test-master")
+    # Bounded answers: unbounded, a sampled answer can fill the slot's context,
+    # and the next turn is then refused as too long.
+    child = chat(model_server, "sk-test-master", "--max-tokens", "48", "--temperature", "0")
     child.expect_exact("model SmolLM2-135M-Instruct")
     shown, first = turn(child, "What is the capital of France? Answer in one word.")
-    assert first["completion"] > 0 and len(shown.split("SmolLM2-135M-Instruct> ")[-1]) > 0
+    assert 0 < first["completion"] <= 48 and len(shown.split("SmolLM2-135M-Instruct> ")[-1]) > 0
     _, second = turn(child, "And of Italy?")
     # The cache keeps the first turn: it is not prefilled again.
     assert second["prompt"] > first["prompt"]  # type: ignore[operator]

@@ -33,6 +33,7 @@ class TerminalChat:
         out: TextIO,
         read: Callable[[str], str] = input,
         system: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         base = url.rstrip("/")
         self.base = base if base.endswith("/v1") else base + "/v1"
@@ -41,6 +42,7 @@ class TerminalChat:
         self.out = out
         self.read = read
         self.system = system
+        self.options = {k: v for k, v in (options or {}).items() if v is not None}
         self.messages: list[dict[str, Any]] = []
         self.model = model or self._first_model()
 
@@ -78,7 +80,9 @@ class TerminalChat:
         self.messages.append({"role": "user", "content": text})
         prompt = [{"role": "system", "content": self.system}] if self.system else []
         started = time.monotonic()
-        stream = self.client.stream(model=self.model, messages=prompt + self.messages)
+        stream = self.client.stream(
+            model=self.model, messages=prompt + self.messages, **self.options
+        )
         self._say(f"{self.model}> ")
         try:
             for chunk in stream:
@@ -88,7 +92,8 @@ class TerminalChat:
                         self._say(piece)
         except ChatError as exc:
             self.messages.pop()  # not part of the conversation: nothing answered it
-            self._say(f"\nerror: {exc}\n")
+            hint = " (/reset starts a new one)" if exc.code == "context_length_exceeded" else ""
+            self._say(f"\nerror: {exc}{hint}\n")
             return
         except httpx.HTTPError as exc:
             self.messages.pop()
