@@ -24,7 +24,8 @@ Peers (set up by ``bench/peers.py``, never committed):
 
     ./dev bench concurrency [--tokens 128] [--levels 1,2,4,8,16] [--rounds 2]
                             [--seconds 20] [--mode closed|waves]
-                            [--servers tokenwell,llama-server[,llama-cpp-server]]
+                            [--servers tokenwell,llama-server[,llama-cpp-server,
+                                       tokenwell-nospec,tokenwell-native]]
 """
 
 from __future__ import annotations
@@ -64,13 +65,15 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
     from tokenwell.engines.llamacpp.model import builtin_model_path
 
     gguf = str(builtin_model_path())
-    if name in ("tokenwell", "tokenwell-native"):
+    if name in ("tokenwell", "tokenwell-native", "tokenwell-nospec"):
         # tokenwell-native: the same server on pip's native build of llama.cpp
-        # (bench/peers.py), to show what the portable build costs.
+        # (bench/peers.py), to show what the portable build costs;
+        # tokenwell-nospec: without speculative decoding (draft_max = 0).
         env = {"PYTHONPATH": str(peers.native_site())} if name == "tokenwell-native" else None
+        extra = "draft_max = 0\n" if name == "tokenwell-nospec" else ""
         proc = tokenwell(
             f'[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
-            f"context = {CONTEXT}\nthreads = {threads}\n",
+            f"context = {CONTEXT}\nthreads = {threads}\n{extra}",
             env=env,
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}, MODEL

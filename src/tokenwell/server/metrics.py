@@ -52,6 +52,16 @@ _ENGINE_VALUES: tuple[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, 
         "Prompt KV states copied from a busy slot into a free one",
     ),
     (CounterMetricFamily, "prompt_slot_copied_tokens", "Prompt tokens copied from a busy slot"),
+    (
+        CounterMetricFamily,
+        "draft_tokens",
+        "Tokens drafted by n-gram lookup and decoded for verification",
+    ),
+    (
+        CounterMetricFamily,
+        "draft_accepted_tokens",
+        "Drafted tokens that were the ones sampled (kept)",
+    ),
 )
 
 

@@ -79,3 +79,21 @@ def test_prompt_tokens_computed_and_cached_are_counted(model_server: Server) -> 
     assert after[cached] - before[cached] == found >= second["prompt_tokens"] - 1
     assert after[computed] - before[computed] == billed - found
     assert f"tokenwell_engine_prompt_cache_bytes{{{MODEL}}}" in after
+
+
+def test_drafted_and_kept_tokens_are_counted(model_server: Server) -> None:
+    drafted = f"tokenwell_engine_draft_tokens_total{{{MODEL}}}"
+    kept = f"tokenwell_engine_draft_accepted_tokens_total{{{MODEL}}}"
+    code = "def double(x):\n    return x * 2\n"
+    body = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": f"Repeat this code exactly:\n{code * 4}"}],
+        "max_tokens": 48,
+        "temperature": 0,
+    }
+    with model_server.http() as http:
+        before = scrape(model_server)
+        usage = http.post("/v1/chat/completions", json=body).json()["usage"]
+    after = scrape(model_server)
+    assert usage["completion_tokens"] <= 48
+    assert 0 <= after[kept] - before.get(kept, 0) <= after[drafted] - before.get(drafted, 0)

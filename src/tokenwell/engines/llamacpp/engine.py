@@ -285,6 +285,8 @@ class LlamaCppEngine(Engine):
             "prompt_cache_restored_tokens": scheduler.store.restored_tokens,
             "prompt_slot_copies": scheduler.slot_copies,
             "prompt_slot_copied_tokens": scheduler.slot_copied_tokens,
+            "draft_tokens": scheduler.draft_tokens,
+            "draft_accepted_tokens": scheduler.draft_accepted,
             "decode_seconds": round(scheduler.decode_seconds, 6),
             "sample_seconds": round(scheduler.sample_seconds, 6),
             "step_seconds": round(scheduler.step_seconds, 6),

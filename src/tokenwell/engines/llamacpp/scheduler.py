@@ -42,6 +42,7 @@ from llama_cpp import llama_cpp as L
 
 from tokenwell import faults
 from tokenwell.engines.base import Generation
+from tokenwell.engines.llamacpp.draft import Drafter, Odds, Prices, choose
 from tokenwell.engines.llamacpp.model import Model
 from tokenwell.engines.llamacpp.promptcache import Kept, PromptStore, common_prefix
 from tokenwell.engines.llamacpp.sampling import (
@@ -142,6 +143,12 @@ class Seq:
     batch_index: int = -1
     output_index: int = -1  # row of the batch's logits
     done: bool = False
+    # Speculative decoding (draft.py): the sequence's tokens for n-gram lookup,
+    # the tokens drafted in this step after next_token, and their batch rows
+    # (batch index, output row).
+    drafter: Drafter | None = None
+    draft: list[int] = field(default_factory=list)
+    draft_rows: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -185,6 +192,10 @@ class Scheduler:
         # Prompt states copied from a busy slot into a free one (and their tokens).
         self.slot_copies = 0
         self.slot_copied_tokens = 0
+        # Speculative decoding: tokens decoded as drafts, and those kept.
+        self.draft_tokens = 0
+        self.draft_accepted = 0
+        self.odds = Odds()
         # Where the scheduler's time goes (seconds): in llama_decode, in sampling,
         # and in its own bookkeeping; for /metrics and the benchmarks.
         self.decode_seconds = 0.0
@@ -425,14 +436,16 @@ class Scheduler:
             )
             sampled_at = time.perf_counter()
             self.sample_seconds += sampled_at - sample_at
-            generating = len(seqs) - sum(len(job.seqs) for job in completed)
-            self.cost.add(generating, self.batch.n_tokens - generating, sampled_at - decode_at)
             for job in completed:
                 job.sampled_at = sampled_at
                 self.prefill.observe(sampled_at - job.placed_at)
                 self._first.append(job)
-            for seq, token in zip(seqs, tokens, strict=True):
-                self._process(seq, token, events, closed)
+            self._verify(list(zip(seqs, tokens, strict=True)), events, closed)
+            finished_at = time.perf_counter()
+            # Every token with logits from a running sequence (drafts included)
+            # counts as a generating one in the step's cost.
+            generating = self.n_outputs - len(completed)
+            self.cost.add(generating, self.batch.n_tokens - generating, finished_at - decode_at)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "step %d: %d tokens (%d generating, %d prompts ending), batch built "
@@ -685,6 +698,7 @@ class Scheduler:
             room -= end - job.prefill_pos
             if end == len(job.prompt):
                 completed.append(job)
+        drafted = self._draft(capacity - len(self._running)) if not chunks else 0
         entries: list[tuple[int, Seq | tuple[Job, int, int]]] = [
             (seq.slot.id, seq) for seq in self._running
         ]
@@ -699,6 +713,13 @@ class Scheduler:
                 item.slot.tokens.append(item.next_token)
                 item.batch_index = self.batch.n_tokens - 1
                 item.output_index = self.n_outputs - 1
+                item.draft_rows.clear()
+                position = len(item.slot.tokens)
+                for offset, token in enumerate(item.draft):
+                    # Drafted tokens' cells are written; which of them stay is
+                    # known once their positions are sampled (_verify).
+                    self._add(token, position + offset, slot_id, True)
+                    item.draft_rows.append((self.batch.n_tokens - 1, self.n_outputs - 1))
                 continue
             job, start, end = item
             last = len(job.prompt) - 1
@@ -712,7 +733,40 @@ class Scheduler:
                 job.logits_output = self.n_outputs - 1
         for job in completed:
             self._prefilling.remove(job)
+        self.draft_tokens += drafted
         return completed
+
+    def _draft(self, budget: int) -> int:
+        """Choose this step's drafts (draft.py); the number of drafted tokens.
+
+        Every running sequence's proposal is looked up, so that its acceptance
+        rate is learnt even while drafting does not pay; tokens are drafted
+        only once the step's cost is known, and never in a step that reads a
+        prompt (its time to first token would pay for them)."""
+        limit = self.settings.draft_max
+        seqs = [seq for seq in self._running if seq.drafter is not None]
+        for seq in self._running:
+            seq.draft = []
+        if limit <= 0 or not seqs:
+            return 0
+        chances: list[list[float]] = []
+        for seq in seqs:
+            assert seq.drafter is not None
+            room = min(
+                limit,
+                seq.job.max_tokens - seq.generated - 1,
+                self.n_ctx_slot - len(seq.slot.tokens) - 2,
+            )
+            proposed = seq.drafter.propose(max(room, 1))
+            chances.append(seq.drafter.chances(min(len(proposed), max(room, 0))))
+        if self.cost.fixed is None:
+            return 0
+        counts = choose(chances, Prices(self.cost.fixed, self.cost.per_token), budget)
+        for seq, count in zip(seqs, counts, strict=True):
+            assert seq.drafter is not None
+            seq.draft = seq.drafter.proposed[:count]
+            seq.drafter.drafted = count
+        return sum(counts)
 
     def _add(self, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self.batch
@@ -726,6 +780,53 @@ class Scheduler:
         if logits:
             self.n_outputs += 1
 
+    def _verify(
+        self,
+        sampled: list[tuple[Seq, int]],
+        events: dict[Generation, list[Event]],
+        closed: list[Generation],
+    ) -> None:
+        """Process the step's sampled tokens, and the drafts they confirm.
+
+        A sequence whose sampled token is the next drafted one keeps that
+        draft (its cell is already computed) and samples again at the draft's
+        row, until a sample differs from the draft or the draft ends: the
+        tokens, and the random numbers drawn for them, are those of decoding
+        one token per step. The cells of drafts not kept are removed."""
+        got: dict[Seq, list[int]] = {}
+        while sampled:
+            again: list[Seq] = []
+            for seq, token in sampled:
+                self._process(seq, token, events, closed)
+                if seq.drafter is None:
+                    continue
+                tokens = got.setdefault(seq, [])
+                tokens.append(token)
+                at = len(tokens) - 1
+                if not seq.done and at < len(seq.draft) and seq.draft[at] == token:
+                    seq.slot.tokens.append(token)
+                    seq.batch_index, seq.output_index = seq.draft_rows[at]
+                    again.append(seq)
+            if not again:
+                break
+            more = sample(
+                self.ctx,
+                self.model.n_vocab,
+                self.n_outputs,
+                [(seq.sampler, seq.output_index, seq.batch_index) for seq in again],
+                self.scratch,
+            )
+            sampled = list(zip(again, more, strict=True))
+        for seq, tokens in got.items():
+            assert seq.drafter is not None
+            if seq.draft:
+                # Cells past the kept drafts hold tokens that were not sampled.
+                L.llama_memory_seq_rm(self.mem, seq.slot.id, len(seq.slot.tokens), -1)
+                seq.draft = []
+            self.draft_accepted += seq.drafter.observe(tokens)
+            for token in tokens:
+                seq.drafter.append(token)
+
     def _start_choices(self, job: Job) -> list[Seq]:
         primary = job.seqs[0].slot
         for seq in job.seqs[1:]:
@@ -737,6 +838,10 @@ class Scheduler:
             # Every choice samples its first token from the prompt's last logits.
             seq.batch_index = job.logits_index
             seq.output_index = job.logits_output
+            if self.settings.draft_max > 0:
+                seq.drafter = Drafter(
+                    job.prompt, self.odds, greedy=job.sampling[seq.choice].temperature <= 0
+                )
             self._running.append(seq)
         return job.seqs
 

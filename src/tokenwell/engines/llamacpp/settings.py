@@ -38,6 +38,10 @@ class LlamaCppSettings(BaseModel):
     # Host memory (MiB) for the KV state of prompts that left their slot, written
     # back when a prompt with that prefix returns (promptcache.py); 0: off.
     cache_ram: int = Field(default=1024, ge=0)
+    # Speculative decoding by n-gram lookup in the sequence's own tokens
+    # (draft.py): at most this many tokens drafted per sequence and step, and
+    # only where the learnt acceptance rate and step cost say it pays; 0: off.
+    draft_max: int = Field(default=16, ge=0, le=256)
     # All slots share one KV pool (better for shared prefixes) or each has its own.
     kv_unified: bool = False
     # Before serving, prove in a child process that this build can decode on
