@@ -163,7 +163,7 @@ def choose(chances: list[list[float]], prices: Prices, budget: int) -> list[int]
     for _ in range(budget):
         i = max(range(count), key=odds.__getitem__)
         p = odds[i]
-        if p <= 0 or p * seconds < prices.per_token * expected:
+        if p <= 0 or p * seconds <= prices.per_token * expected:
             break
         taken[i] += 1
         seconds += prices.per_token
