@@ -195,9 +195,13 @@ class Tally:
     elapsed: float = 0.0
     ttfts: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
+    # tokenwell's speculative decoding: tokens drafted, and kept.
+    drafted: int = 0
+    kept: int = 0
 
     def summary(self, streams: int) -> dict[str, Any]:
         return {
+            **({"drafted": self.drafted, "kept": self.kept} if self.drafted else {}),
             "streams": streams,
             "requests": len(self.ttfts),
             "tokens_per_s": round(self.produced / self.elapsed, 1),
@@ -277,6 +281,7 @@ def interleaved(args: argparse.Namespace, names: list[str], levels: list[int]) -
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     proc, headers, model = servers[name]
+                    before = _stats(proc.base)
                     asyncio.run(
                         closed_loop(
                             proc.base,
@@ -289,6 +294,12 @@ def interleaved(args: argparse.Namespace, names: list[str], levels: list[int]) -
                             tallies[name],
                         )
                     )
+                    after = _stats(proc.base)
+                    if before and after:
+                        tallies[name].drafted += after["draft_tokens"] - before["draft_tokens"]
+                        tallies[name].kept += (
+                            after["draft_accepted_tokens"] - before["draft_accepted_tokens"]
+                        )
             for name in names:
                 results[name].append(tallies[name].summary(streams))
                 print(name, json.dumps(results[name][-1]), flush=True)

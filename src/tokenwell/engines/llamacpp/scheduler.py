@@ -440,12 +440,14 @@ class Scheduler:
                 job.sampled_at = sampled_at
                 self.prefill.observe(sampled_at - job.placed_at)
                 self._first.append(job)
-            self._verify(list(zip(seqs, tokens, strict=True)), events, closed)
-            finished_at = time.perf_counter()
-            # Every token with logits from a running sequence (drafts included)
-            # counts as a generating one in the step's cost.
+            resampled = self._verify(list(zip(seqs, tokens, strict=True)), events, closed)
+            # The step's cost: decoding and sampling (not the text's processing),
+            # every token with logits from a running sequence (drafts included)
+            # counted as a generating one.
             generating = self.n_outputs - len(completed)
-            self.cost.add(generating, self.batch.n_tokens - generating, finished_at - decode_at)
+            self.cost.add(
+                generating, self.batch.n_tokens - generating, sampled_at - decode_at + resampled
+            )
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "step %d: %d tokens (%d generating, %d prompts ending), batch built "
@@ -785,8 +787,9 @@ class Scheduler:
         sampled: list[tuple[Seq, int]],
         events: dict[Generation, list[Event]],
         closed: list[Generation],
-    ) -> None:
-        """Process the step's sampled tokens, and the drafts they confirm.
+    ) -> float:
+        """Process the step's sampled tokens, and the drafts they confirm; the
+        seconds spent sampling at drafted rows.
 
         A sequence whose sampled token is the next drafted one keeps that
         draft (its cell is already computed) and samples again at the draft's
@@ -794,6 +797,7 @@ class Scheduler:
         tokens, and the random numbers drawn for them, are those of decoding
         one token per step. The cells of drafts not kept are removed."""
         got: dict[Seq, list[int]] = {}
+        resampled = 0.0
         while sampled:
             again: list[Seq] = []
             for seq, token in sampled:
@@ -809,6 +813,7 @@ class Scheduler:
                     again.append(seq)
             if not again:
                 break
+            started = time.perf_counter()
             more = sample(
                 self.ctx,
                 self.model.n_vocab,
@@ -816,6 +821,7 @@ class Scheduler:
                 [(seq.sampler, seq.output_index, seq.batch_index) for seq in again],
                 self.scratch,
             )
+            resampled += time.perf_counter() - started
             sampled = list(zip(again, more, strict=True))
         for seq, tokens in got.items():
             assert seq.drafter is not None
@@ -826,6 +832,8 @@ class Scheduler:
             self.draft_accepted += seq.drafter.observe(tokens)
             for token in tokens:
                 seq.drafter.append(token)
+        self.sample_seconds += resampled
+        return resampled
 
     def _start_choices(self, job: Job) -> list[Seq]:
         primary = job.seqs[0].slot
