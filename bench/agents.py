@@ -15,7 +15,9 @@ similarity at their defaults):
 - ``tokenwell-nostore``: the same with ``cache_ram = 0`` (slots only);
 - ``tokenwell-unbounded``: the same with ``step_ms = 0`` (a prompt read beside
   running streams in chunks of ``prefill_chunk``, however long a step takes);
-- ``llama-server``.
+- ``tokenwell-nospec``: the same with ``draft_max = 0`` (no speculative decoding);
+- ``llama-server``, and ``llama-server:TYPE`` with ``--spec-type TYPE`` (its
+  n-gram speculative decoding, e.g. ``ngram-mod``).
 
 Reported per server: prompt tokens computed on turns 2 and later against the
 tokens that were new there (a turn's prompt minus the previous turn's prompt
@@ -207,14 +209,18 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str]]:
         store = {
             "tokenwell-nostore": "cache_ram = 0\n",  # slots only
             "tokenwell-unbounded": "step_ms = 0\n",  # prompt chunks of prefill_chunk
+            "tokenwell-nospec": "draft_max = 0\n",  # no speculative decoding
         }.get(name, "")
         proc = tokenwell(
             f'[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
             f"context = {CONTEXT}\nthreads = {threads}\n{store}"
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}
-    if name == "llama-server":
-        return llama_server(threads, "--parallel", str(PARALLEL), "-c", str(PARALLEL * CONTEXT)), {}
+    if name == "llama-server" or name.startswith("llama-server:"):
+        # llama-server:TYPE: with its n-gram speculative decoding (--spec-type TYPE).
+        spec = ["--spec-type", name.split(":", 1)[1]] if ":" in name else []
+        options = ["--parallel", str(PARALLEL), "-c", str(PARALLEL * CONTEXT), *spec]
+        return llama_server(threads, *options), {}
     raise SystemExit(f"unknown server {name}")
 
 
