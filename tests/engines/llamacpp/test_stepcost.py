@@ -83,3 +83,14 @@ def test_a_long_prompt_is_read_in_chunks_that_keep_a_step_near_its_target() -> N
     # No bound asked for, or nothing learnt yet: prefill_chunk alone decides.
     assert cost.prompt_room(4, 0) is None
     assert StepCost().prompt_room(4, 0.5) is None
+
+
+def test_drafts_fit_in_a_step_near_its_target() -> None:
+    cost = learnt(fixed=0.005, per_token=0.004, per_prompt=0.002)
+    room = cost.draft_room(4, 0.15)
+    assert room is not None
+    # 5 ms + 4 x 4 ms + room x 4 ms = 150 ms
+    assert abs(room - (0.15 - 0.005 - 0.016) / 0.004) <= 1
+    # Streams that fill the step already: no drafts (never a negative room).
+    assert cost.draft_room(64, 0.15) == 0
+    assert cost.draft_room(4, 0) is None and StepCost().draft_room(4, 0.15) is None

@@ -700,7 +700,11 @@ class Scheduler:
             room -= end - job.prefill_pos
             if end == len(job.prompt):
                 completed.append(job)
-        drafted = self._draft(capacity - len(self._running)) if not chunks else 0
+        drafted = 0
+        if not chunks:
+            budget = capacity - len(self._running)
+            bound = self.cost.draft_room(len(self._running), self.settings.step_ms / 1000)
+            drafted = self._draft(budget if bound is None else min(budget, bound))
         entries: list[tuple[int, Seq | tuple[Job, int, int]]] = [
             (seq.slot.id, seq) for seq in self._running
         ]

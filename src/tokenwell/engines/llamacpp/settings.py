@@ -40,7 +40,8 @@ class LlamaCppSettings(BaseModel):
     cache_ram: int = Field(default=1024, ge=0)
     # Speculative decoding by n-gram lookup in the sequence's own tokens
     # (draft.py): at most this many tokens drafted per sequence and step, and
-    # only where the learnt acceptance rate and step cost say it pays; 0: off.
+    # only where the learnt acceptance rate and step cost say it pays, and no
+    # more than keeps a step near step_ms (a stream's wait between bursts); 0: off.
     draft_max: int = Field(default=16, ge=0, le=256)
     # All slots share one KV pool (better for shared prefixes) or each has its own.
     kv_unified: bool = False

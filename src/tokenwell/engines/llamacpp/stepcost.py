@@ -104,3 +104,13 @@ class StepCost:
             return None
         spare = step_seconds - self.fixed - self.per_token * generating
         return max(MIN_CHUNK, int(spare / self.per_prompt))
+
+    def draft_room(self, generating: int, step_seconds: float) -> int | None:
+        """How many drafted tokens (speculative decoding) a step of ``generating``
+        sequences may add and still take about ``step_seconds``: drafts come in
+        bursts, and a stream waits a whole step for its next burst; None while
+        the fit is unknown or no bound is asked for."""
+        if self.fixed is None or step_seconds <= 0 or self.per_token <= 0:
+            return None
+        spare = step_seconds - self.fixed - self.per_token * generating
+        return max(0, int(spare / self.per_token))
