@@ -745,8 +745,8 @@ class Scheduler:
     def _draft(self, budget: int) -> int:
         """Choose this step's drafts (draft.py); the number of drafted tokens.
 
-        Every running sequence's proposal is looked up, so that its acceptance
-        rate is learnt even while drafting does not pay; tokens are drafted
+        Every running sequence's proposal is looked up, so that the odds of a
+        draft are learnt even while drafting does not pay; tokens are drafted
         only once the step's cost is known, and never in a step that reads a
         prompt (its time to first token would pay for them)."""
         limit = self.settings.draft_max
