@@ -850,7 +850,10 @@ class Scheduler:
             # Every choice samples its first token from the prompt's last logits.
             seq.batch_index = job.logits_index
             seq.output_index = job.logits_output
-            if self.settings.draft_max > 0:
+            if self.settings.draft_max > 0 and seq.sampler.grammar is None:
+                # (Structured output and tool calls are not drafted: a grammar
+                # refuses much of what the text repeats, and their sampling
+                # stays as it was.)
                 seq.drafter = Drafter(
                     job.prompt, self.odds, greedy=job.sampling[seq.choice].temperature <= 0
                 )
