@@ -112,3 +112,34 @@ def test_a_function_that_is_not_strict_leaves_what_cannot_be_enforced_to_the_mod
         assert info.value.param == "tools.[0].function.parameters.properties.n.minimum"
     check_grammar(model, grammar(False))
     assert schema["properties"]["n"]["minimum"] == 0  # the request's schema is left alone
+
+
+def test_a_json_string_never_holds_a_raw_control_character(model) -> None:  # type: ignore[no-untyped-def]
+    """A sampled tool call once had a raw control character in an argument (no
+    JSON parser takes it): the grammar refuses it, and takes its escape."""
+    from tokenwell.engines.llamacpp.sampling import SamplingParams, SeqSampler
+
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
+    request = validate_chat_request(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        }
+    )
+    grammars = [
+        response_grammar("json_schema", schema, "s"),
+        tools_grammar(request.tools, only="f", parallel=False),
+    ]
+    starts = ['{"a": "x', '<tool_call>\n{"name": "f", "arguments": {"k": "x']
+    for gbnf, start in zip(grammars, starts, strict=True):
+        for after, allowed in (("\n", False), ("\t", False), ("\\n", True), ("y", True)):
+            sampler = SeqSampler(model, SamplingParams(grammar=gbnf))
+            try:
+                for token in model.tokenize(start, special=False):
+                    assert sampler.allows(token), start
+                    sampler.accept(token)
+                token = model.tokenize(after, special=False)[0]
+                assert sampler.allows(token) is allowed, (gbnf[:40], after)
+            finally:
+                sampler.free()

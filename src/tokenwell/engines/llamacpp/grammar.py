@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from llama_cpp.llama_grammar import JSON_GBNF, SchemaConverter
+from llama_cpp.llama_grammar import JSON_GBNF, BuiltinRule, SchemaConverter
 
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.requests import ToolDef
@@ -438,8 +438,24 @@ def relaxed(schema: Any, where: str) -> Any:
     return copy
 
 
+# A character of a JSON string. llama-cpp-python's converter allows any but
+# '"' and '\\', raw control characters included, which no JSON parser takes
+# (a sampled tool call once had a raw one in an argument); llama.cpp's own
+# json grammar, and JSON itself, exclude them.
+_JSON_CHAR = BuiltinRule(
+    r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | '
+    r'"u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])',
+    [],
+)
+
+
+class _Converter(SchemaConverter):
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        return str(super()._add_primitive(name, _JSON_CHAR if name == "char" else rule))
+
+
 def _converter() -> SchemaConverter:
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    return _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 def _visit(converter: SchemaConverter, schema: dict[str, Any], name: str, where: str) -> str:
