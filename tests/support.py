@@ -229,7 +229,7 @@ class FakeUpstream:
                 time.sleep(0.05)
         raise RuntimeError("fake upstream did not start")
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.base}/stats").json()  # type: ignore[no-any-return]
 
     def stop(self) -> None:

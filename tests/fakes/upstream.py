@@ -15,8 +15,9 @@ picks the behaviour:
     slow        a chunk every 50 ms, 400 of them (for disconnects)
 
 GET /stats tells how many streams were started, finished and cut off by
-the client; GET /v1/models answers 200 unless started with --sick (503) or
-with --api-key K and asked without it (401).
+the client, and how many requests came with each ``prompt_cache_key``;
+GET /v1/models answers 200 unless started with --sick (503) or with
+--api-key K and asked without it (401).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 STATS = {"started": 0, "finished": 0, "cancelled": 0, "requests": 0}
+# How many requests came with each prompt_cache_key (placement hints, forwarded).
+CACHE_KEYS: dict[str, int] = {}
 SICK = False
 API_KEY: str | None = None  # --api-key: /v1/models answers 401 without it
 
@@ -126,6 +129,9 @@ async def chat(request: Request) -> Response:
     STATS["requests"] += 1
     body = orjson.loads(await request.body())
     model = body.get("model", "ok")
+    if isinstance(body.get("prompt_cache_key"), str):
+        key = body["prompt_cache_key"]
+        CACHE_KEYS[key] = CACHE_KEYS.get(key, 0) + 1
     if model == "error500":
         return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, 500)
     if model == "error429":
@@ -147,7 +153,7 @@ async def models(request: Request) -> Response:
 
 
 async def stats(request: Request) -> Response:
-    return JSONResponse(STATS)
+    return JSONResponse({**STATS, "cache_keys": CACHE_KEYS})
 
 
 app = Starlette(

@@ -132,3 +132,21 @@ def test_named_tool_choice_must_exist() -> None:
 
 def test_stop_duplicates_are_dropped_and_kept_in_order() -> None:
     assert validate_chat_request(body(stop=["b", "a", "b"])).stop == ("b", "a")
+
+
+def test_the_placement_hint_is_the_cache_key_else_the_end_user() -> None:
+    base: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert validate_chat_request(base).cache_key is None
+    alice = validate_chat_request({**base, "user": "alice"})
+    assert alice.cache_key == "alice" and alice.user == "alice"
+    # safety_identifier is OpenAI's newer name for the end user.
+    both = validate_chat_request({**base, "user": "alice", "safety_identifier": "bob"})
+    assert both.user == "bob" and both.cache_key == "bob"
+    keyed = validate_chat_request({**base, "user": "alice", "prompt_cache_key": "conv-1"})
+    assert keyed.cache_key == "conv-1" and keyed.user == "alice"
+    with pytest.raises(InvalidRequest) as info:
+        validate_chat_request({**base, "prompt_cache_key": "k" * 1025})
+    assert info.value.param == "prompt_cache_key"
+    with pytest.raises(InvalidRequest) as info:
+        validate_chat_request({**base, "safety_identifier": 7})
+    assert info.value.param == "safety_identifier"

@@ -218,6 +218,7 @@ def test_items_become_chat_messages() -> None:
     assert [c.id for c in req.chat.messages[3].tool_calls] == ["c1", "c2"]
     assert [t.function.name for t in req.chat.tools] == ["f"]  # web_search not offered
     assert req.store is False
+    assert req.chat.cache_key == "abc" and req.chat.raw["prompt_cache_key"] == "abc"
 
 
 def test_an_output_is_paired_with_its_call_wherever_it_stands() -> None:

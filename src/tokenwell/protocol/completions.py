@@ -157,6 +157,7 @@ def parse_completions_request(body: bytes) -> CompletionsRequest:
         top_logprobs=body.logprobs or 0,
         logit_bias=_logit_bias(body.logit_bias),
         user=body.user,
+        cache_key=body.user,
         raw=data,
         api=API,
     )

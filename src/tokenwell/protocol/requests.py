@@ -99,6 +99,10 @@ class _Body(_Strict):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    # OpenAI's newer names for what ``user`` did: an end user's id (budgets per
+    # end user) and a key for placing requests where their prefix is cached.
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=1024)] | None = None
     metadata: (
         Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None
     ) = None
@@ -164,6 +168,10 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     user: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # A placement hint (``prompt_cache_key``, else the end user): requests that
+    # share it go where their prefix is likeliest to be cached (the slot or
+    # the upstream replica the last of them used). Never changes a result.
+    cache_key: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # The wire API it came in by, for the ledger row; engines never read it.
     api: str = "chat.completions"
@@ -255,8 +263,9 @@ def validate_chat_request(data: dict[str, Any]) -> ChatRequest:
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=True if body.parallel_tool_calls is None else body.parallel_tool_calls,
-        user=body.user,
+        user=body.safety_identifier or body.user,
         metadata=dict(body.metadata or {}),
+        cache_key=body.prompt_cache_key or body.safety_identifier or body.user,
         raw=data,
     )
 

@@ -11,7 +11,8 @@
 
 What cannot apply to a small local model is accepted and left out in the
 way that leaves the client's result unchanged (``reasoning``, ``include``,
-``prompt_cache_key``, hosted tools, which are not offered to the model);
+hosted tools, which are not offered to the model; ``prompt_cache_key`` is a
+placement hint, as on chat completions);
 what would change the result (an image or file in the input, ``tool_choice``
 naming a hosted tool, a stored prompt, a conversation object) is a 400
 naming the field.
@@ -541,6 +542,8 @@ def to_chat(
     user = body.safety_identifier or body.user
     if user is not None:
         chat["user"] = user
+    if body.prompt_cache_key is not None:
+        chat["prompt_cache_key"] = body.prompt_cache_key
     if body.metadata:  # recorded on the ledger row as the request's tags
         chat["metadata"] = body.metadata
     try:

@@ -178,3 +178,33 @@ def test_sessions_that_start_together_compute_their_shared_prefix_once() -> None
 
     with_engine(one_by_one, parallel=1, context=2048, cache_ram=0)
     with_engine(together, parallel=4, context=2048)
+
+
+@pytest.mark.slow
+def test_a_placement_hint_keeps_other_sessions_cells() -> None:
+    """Two slots, no host memory. Sessions B then A ask; then A asks something
+    that shares nothing with either slot. With no hint it takes the least
+    recently used slot, B's, and B's next turn is computed again; with hints
+    (prompt_cache_key) it takes its own session's slot and B's stays."""
+    args: dict[str, Any] = dict(max_tokens=2, temperature=0)
+
+    def scenario(hinted: bool) -> list[int]:
+        cached: list[int] = []
+
+        def key(name: str) -> dict[str, Any]:
+            return {"prompt_cache_key": name} if hinted else {}
+
+        async def test(engine: LlamaCppEngine) -> None:
+            await run(engine, conversation("Gardening"), **args, **key("b"))
+            await run(engine, conversation("Sailing"), **args, **key("a"))
+            await run(engine, conversation("Cooking"), **args, **key("a"))
+            _, again = await run(engine, conversation("Gardening"), **args, **key("b"))
+            cached.extend((again.meter.cached_tokens, again.meter.prompt_tokens))
+
+        with_engine(test, parallel=2, context=2048, cache_ram=0)
+        return cached
+
+    cached, prompt = scenario(hinted=True)
+    assert cached == prompt - 1  # all but the last token, whose logits are needed
+    cached, prompt = scenario(hinted=False)
+    assert cached < 50 < prompt

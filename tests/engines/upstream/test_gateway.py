@@ -383,3 +383,40 @@ def test_messages_through_the_gateway(gateway: Server) -> None:
     assert orjson.loads(partial) == {"city": "Oslo"}
     delta = next(f for f in frames if f["type"] == "message_delta")
     assert delta["delta"]["stop_reason"] == "tool_use"
+
+
+def test_a_sessions_requests_go_to_one_replica(tmp_path: Path) -> None:
+    """A placement hint (prompt_cache_key, else the end user) keeps a session on
+    the replica that holds its prompt cache; the hint is passed on upstream."""
+    one, two = FakeUpstream(tmp_path), FakeUpstream(tmp_path)
+    try:
+        urls = f'[{{ url = "{one.url}", model = "ok" }}, {{ url = "{two.url}", model = "ok" }}]'
+        with Server(tmp_path / "gw", gateway_config({"pair": urls})) as gw:
+            client = gw.client()
+            sessions = [f"session-{i}" for i in range(8)]
+            for turn in range(4):
+                for key in sessions:
+                    client.chat.completions.create(
+                        model="pair",
+                        messages=[{"role": "user", "content": f"turn {turn}"}],
+                        prompt_cache_key=key,
+                    )
+            client.responses.create(model="pair", input="hi", prompt_cache_key="session-0")
+            seen = [one.stats()["cache_keys"], two.stats()["cache_keys"]]
+            for key in sessions:
+                counts = [replica.get(key, 0) for replica in seen]
+                assert sorted(counts) == [0, 4 + (key == "session-0")], (key, seen)
+            # The sessions are spread over both replicas, not all on one.
+            assert seen[0] and seen[1]
+            # An end user is the hint when there is no prompt_cache_key.
+            served = []
+            for _ in range(4):
+                a, b = one.stats()["requests"], two.stats()["requests"]
+                client.chat.completions.create(
+                    model="pair", messages=[{"role": "user", "content": "x"}], user="alice"
+                )
+                served.append((one.stats()["requests"] - a, two.stats()["requests"] - b))
+            assert len(set(served)) == 1, served
+    finally:
+        one.stop()
+        two.stop()

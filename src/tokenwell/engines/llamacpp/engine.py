@@ -247,6 +247,7 @@ class LlamaCppEngine(Engine):
             top_logprobs=request.top_logprobs,
             trigger=rendered.trigger,
             tools=rendered.tools,
+            cache_key=request.cache_key,
         )
         scheduler.submit(job)
         return generation

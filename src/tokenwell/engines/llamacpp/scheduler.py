@@ -92,6 +92,8 @@ class Job:
     # A lazy grammar's trigger, and whether the output is parsed for tool calls.
     trigger: str | None = None
     tools: bool = False
+    # The request's placement hint (ChatRequest.cache_key).
+    cache_key: str | None = None
     # Set by the event loop; read by the scheduler at the next step.
     cancelled: bool = False
     # Scheduler state.
@@ -128,6 +130,9 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # tokens whose KV cells this slot holds
     busy: bool = False
     last_used: float = 0.0
+    # The placement hint of the request that last used it: the session whose
+    # cells these are (see Scheduler._claim).
+    owner: str | None = None
 
 
 @dataclass(eq=False)
@@ -569,9 +574,16 @@ class Scheduler:
     def _place(self, job: Job, free: list[Slot]) -> None:
         prompt = job.prompt
         limit = len(prompt) - 1  # the last token is always computed (its logits)
-        # The free slot holding the longest prefix of this prompt; among equals,
-        # the least recently used, so that useful caches live longest.
-        primary = max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+        # The free slot holding the longest prefix of this prompt; among those
+        # that hold less than RESTORE_MIN tokens of it (a chat template's first
+        # tokens), and among equals, the one whose cells matter least to other
+        # sessions (_claim).
+        def choice(slot: Slot) -> tuple[int, int, int, float]:
+            shared = common_prefix(slot.tokens, prompt)
+            rank, recent = self._claim(slot, job.cache_key)
+            return (shared if shared >= RESTORE_MIN else 0), rank, shared, recent
+
+        primary = max(free, key=choice)
         reuse = min(common_prefix(primary.tokens, prompt), limit)
         copied = False
         source, length = self._best_source(prompt) if self.store.enabled else (None, 0)
@@ -579,7 +591,7 @@ class Scheduler:
             # A kept state, or a busy slot, shares more: copy it into the free
             # slot whose cells matter least (empty, or kept already, else least
             # recently used).
-            target = min(free, key=lambda s: (not self._expendable(s), s.last_used))
+            target = max(free, key=lambda s: (self._expendable(s), self._claim(s, job.cache_key)))
             self._keep(target)
             copied = self._copy(source, target, min(length, limit))
             if copied:
@@ -606,10 +618,28 @@ class Scheduler:
         job.prefill_pos = reuse
         for choice, slot in enumerate(slots):
             slot.busy = True
+            slot.owner = job.cache_key
             sampler = SeqSampler(self.model, job.sampling[choice], job.trigger)
             calls = ToolCallParser(choice) if job.tools else None
             text = TextAssembler(job.stops, job.logprobs)
             job.seqs.append(Seq(job, choice, slot, sampler, text, calls))
+
+    @staticmethod
+    def _claim(slot: Slot, key: str | None) -> tuple[int, float]:
+        """How readily a request with placement hint ``key`` takes this free slot
+        over another that holds as much of its prompt (higher: sooner): the
+        slot its own session used last (its cells are that session's, which
+        this request carries on or replaces); then one no other session
+        claims; then, the least recently used, so that the caches other
+        sessions will come back to live longest. Without hints, every slot
+        ranks alike: least recently used first."""
+        if key is not None and slot.owner == key:
+            rank = 2
+        elif slot.owner is None:
+            rank = 1
+        else:
+            rank = 0
+        return rank, -slot.last_used
 
     # -- the host-memory prompt store
 

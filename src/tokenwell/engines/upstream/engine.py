@@ -249,7 +249,7 @@ class UpstreamEngine(Engine):
         try:
             for _ in range(self.settings.retries + 1):
                 assert self.pool is not None
-                replica = self.pool.pick(tried)
+                replica = self.pool.pick(tried, request.cache_key)
                 if replica is None:
                     break
                 tried.add(replica)

@@ -1,6 +1,13 @@
 """The replicas behind one upstream model: balancing and health.
 
-A request goes to the healthy replica with the fewest requests outstanding.
+A request goes to the healthy replica with the fewest requests outstanding,
+unless it carries a placement hint (``prompt_cache_key``, else its end
+user): then every replica is ranked for that key by rendezvous hashing and
+the request goes to the first one in its ranking that is at most twice as
+busy as the least busy, plus ``AFFINITY_SLACK`` requests. A session's
+requests thus meet their own prompt cache on one replica while it can take
+them, and no replica goes much beyond its share; when replicas come and go,
+only the keys of those that went move.
 A replica that fails a request (no connection, a 5xx) leaves the pool at
 once; every ``health_interval`` each replica's ``/models`` is asked, and one
 that answers comes back.
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -20,6 +28,10 @@ import aiohttp
 from tokenwell.engines.upstream.settings import UpstreamURL
 
 log = logging.getLogger(__name__)
+
+# Requests beyond twice the least busy replica's that a hinted request's own
+# replica may hold and still be chosen.
+AFFINITY_SLACK = 2
 
 
 @dataclass(eq=False)
@@ -63,13 +75,19 @@ class Pool:
     def healthy(self) -> list[Replica]:
         return [r for r in self.replicas if r.healthy]
 
-    def pick(self, exclude: set[Replica]) -> Replica | None:
-        """The healthy replica with the fewest outstanding requests (ties rotate)."""
+    def pick(self, exclude: set[Replica], key: str | None = None) -> Replica | None:
+        """The healthy replica with the fewest outstanding requests (ties rotate);
+        with a placement hint, the first in the key's own ranking that is not
+        much busier than that (see the module's docstring)."""
         candidates = [r for r in self.replicas if r.healthy and r not in exclude]
         if not candidates:
             return None
-        turn = next(self._turn)
         least = min(r.outstanding for r in candidates)
+        if key is not None:
+            limit = 2 * least + AFFINITY_SLACK
+            ranked = sorted(candidates, key=lambda r: _rank(key, r.url), reverse=True)
+            return next(r for r in ranked if r.outstanding <= limit)
+        turn = next(self._turn)
         tied = [r for r in candidates if r.outstanding == least]
         return tied[turn % len(tied)]
 
@@ -121,3 +139,10 @@ def _refusal(status: int, replica: Replica) -> str:
             f"(tokenwell sent {given}; set api_key for this URL)"
         )
     return f"health check answered {status}"
+
+
+def _rank(key: str, url: str) -> int:
+    """A replica's place in a key's ranking (rendezvous hashing): stable for a
+    key, independent between keys."""
+    digest = hashlib.blake2b(f"{key}\0{url}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
