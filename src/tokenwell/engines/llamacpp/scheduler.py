@@ -574,6 +574,7 @@ class Scheduler:
     def _place(self, job: Job, free: list[Slot]) -> None:
         prompt = job.prompt
         limit = len(prompt) - 1  # the last token is always computed (its logits)
+
         # The free slot holding the longest prefix of this prompt; among those
         # that hold less than RESTORE_MIN tokens of it (a chat template's first
         # tokens), and among equals, the one whose cells matter least to other
