@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -39,6 +40,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tokenwell.errors import ConfigError
@@ -335,6 +337,15 @@ class Checkpointer:
             log.warning("SQLite checkpoint failed: %s", exc)
 
 
+T = TypeVar("T")
+
+
+def is_busy(exc: OperationalError) -> bool:
+    """SQLite said another connection holds the lock (SQLITE_BUSY)."""
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -361,8 +372,47 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
             self.sync_engine = create_engine(str(make_url(url).set(drivername="sqlite")))
             event.listen(self.sync_engine, "connect", _sqlite_ledger_pragmas)
+        self._on_loop: Connection | None = None
+
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        """``work`` in one transaction, from the event loop.
+
+        SQLite: on the loop itself, on a connection that never waits for a
+        lock: a one-row statement takes ~0.1 ms there, against ~1 ms through
+        the async driver's thread (a hop per statement, and the GIL back each
+        time). While another writer holds the lock, the transaction rolls
+        back and runs again through the async engine, which waits off the
+        loop. PostgreSQL: through the async engine (each wait an await).
+        ``work`` must not block on anything but the database."""
+        if self.sync_engine is not None:
+            try:
+                conn = self._loop_connection()
+                with conn.begin():
+                    return work(conn)
+            except OperationalError as exc:
+                self._drop_loop_connection()
+                if not is_busy(exc):
+                    raise
+        async with self.engine.begin() as aconn:
+            return await aconn.run_sync(work)
+
+    def _loop_connection(self) -> Connection:
+        if self._on_loop is None or self._on_loop.closed:
+            assert self.sync_engine is not None
+            conn = self.sync_engine.connect()
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            conn.commit()
+            self._on_loop = conn
+        return self._on_loop
+
+    def _drop_loop_connection(self) -> None:
+        conn, self._on_loop = self._on_loop, None
+        if conn is not None:
+            conn.invalidate()  # not back to the pool: its busy_timeout is not the others'
+            conn.close()
 
     async def close(self) -> None:
+        self._drop_loop_connection()
         await self.engine.dispose()
         if self.sync_engine is not None:
             self.sync_engine.dispose()

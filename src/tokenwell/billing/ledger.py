@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from tokenwell.billing.db import (
     Checkpointer,
     Database,
     api_keys,
+    is_busy,
     requests,
 )
 from tokenwell.billing.endusers import EndUserBudget
@@ -272,12 +272,6 @@ def _unused(row: OpenRow) -> CloseRow:
 _SQLITE_STILL_OPEN = (
     "SELECT id FROM requests WHERE status = 'open' AND id IN (SELECT value FROM json_each(?))"
 )
-
-
-def _busy(exc: OperationalError) -> bool:
-    """SQLite said another connection holds the lock (SQLITE_BUSY)."""
-    code = getattr(exc.orig, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF == sqlite3.SQLITE_BUSY
 
 
 class LedgerUnavailable(Exception):
@@ -598,7 +592,7 @@ class Ledger:
             with conn.begin():
                 return self._commit_sync(conn, batch)
         except Exception as exc:
-            if not wait and isinstance(exc, OperationalError) and _busy(exc):
+            if not wait and isinstance(exc, OperationalError) and is_busy(exc):
                 return None
             self._close_sqlite(wait)
             raise

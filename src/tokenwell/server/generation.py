@@ -96,6 +96,10 @@ class GenerationResponse:
         self.slow = False
         self._state: dict[str, Any] = {}
         self._ending: asyncio.Task[None] | None = None
+        # Awaited just before the response's last bytes go out, whatever they
+        # are (a stored response's row is committed first: a client that has
+        # the whole response finds it stored).
+        self.before_last: Callable[[], Awaitable[None]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state")
@@ -273,7 +277,7 @@ class GenerationResponse:
             tail = codec.end(gen.meter)
         else:
             tail = codec.after_failure()
-        await send({"type": "http.response.body", "body": head + tail, "more_body": False})
+        await self._send_last(send, head + tail)
 
     async def _send_interrupted(self, send: Send) -> None:
         """End a response cut by shutdown: an error event and [DONE], or a 503."""
@@ -282,7 +286,7 @@ class GenerationResponse:
             async with asyncio.timeout(1):
                 if self._response_started and self.stream:
                     tail = self.codec.error(message, "interrupted")
-                    await send({"type": "http.response.body", "body": tail, "more_body": False})
+                    await self._send_last(send, tail)
                 elif not self._response_started:
                     await self._send_error(send, Failed(message, "interrupted", http_status=503))
         except (OSError, TimeoutError, RuntimeError):
@@ -302,6 +306,11 @@ class GenerationResponse:
             }
         )
 
+    async def _send_last(self, send: Send, body: bytes) -> None:
+        if self.before_last is not None:
+            await self.before_last()
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
     async def _send_error(self, send: Send, failure: Failed) -> None:
         status, content = self.codec.error_body(failure)
         body = orjson.dumps(content)
@@ -316,7 +325,7 @@ class GenerationResponse:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await self._send_last(send, body)
 
     # ------------------------------------------------------------------ JSON
 
@@ -353,7 +362,7 @@ class GenerationResponse:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await self._send_last(send, body)
 
 
 def _interrupted() -> Failed:

@@ -29,7 +29,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Send
 
 from tokenwell.billing.accounting import Ticket
 from tokenwell.billing.keys import KeyRecord
@@ -197,9 +197,9 @@ class ResponsesService:
                     live.log, after=None, replayed=False, keepalive=self.keepalive
                 )
             return json_response(live.queued, headers=ticket.headers)
-        if not rr.store:
-            return response
-        return _Storing(response, codec, partial(self._store_final, key, rr, ticket, history))
+        if rr.store:
+            response.before_last = partial(self._store_final, key, rr, ticket, history, codec)
+        return response
 
     async def _generate(
         self,
@@ -244,16 +244,22 @@ class ResponsesService:
         rr: ResponsesRequest,
         ticket: Ticket,
         history: list[dict[str, Any]],
-        final: dict[str, Any],
+        codec: ResponsesCodec,
     ) -> None:
+        """A finished response's row, committed before its last bytes go out."""
         assert self.store is not None
-        await self.store.put(
-            key.id,
-            final,
-            request_id=ticket.request_id,
-            input_items=rr.input_items,
-            history=history,
-        )
+        if codec.final is None:
+            return
+        try:
+            await self.store.put(
+                key.id,
+                codec.final,
+                request_id=ticket.request_id,
+                input_items=rr.input_items,
+                history=history,
+            )
+        except Exception:
+            log.exception("storing response %s failed", codec.id)
 
     # ------------------------------------------------------------------ background
 
@@ -527,27 +533,3 @@ class ResponsesLogReader(LogReader):
         }
         out = b"id: %d\n%s" % (self.next, frame(event))
         await send({"type": "http.response.body", "body": out, "more_body": False})
-
-
-class _Storing:
-    """A response whose final object is stored before its last bytes go out."""
-
-    def __init__(self, app: GenerationResponse, codec: ResponsesCodec, store: Any) -> None:
-        self.app = app
-        self.codec = codec
-        self.store = store
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def storing(message: Message) -> None:
-            if (
-                message["type"] == "http.response.body"
-                and not message.get("more_body", False)
-                and self.codec.final is not None
-            ):
-                try:
-                    await self.store(self.codec.final)
-                except Exception:
-                    log.exception("storing response %s failed", self.codec.id)
-            await send(message)
-
-        await self.app(scope, receive, storing)

@@ -1,0 +1,86 @@
+"""Stored responses (the Responses API's rows) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from tokenwell.billing.db import Database
+from tokenwell.billing.responses import ResponseStore
+
+
+def _response(rid: str, status: str = "completed") -> dict[str, Any]:
+    return {"id": rid, "model": "m", "status": status, "output": [], "background": False}
+
+
+def test_put_get_advance_update_delete(db_url: str) -> None:
+    async def go() -> None:
+        db = Database(db_url)
+        await db.migrate()
+        store = ResponseStore(db)
+        try:
+            items = [{"type": "message", "role": "user", "content": "hi"}]
+            await asyncio.gather(
+                *(
+                    store.put(
+                        "k1",
+                        _response(f"r{i}", "queued"),
+                        request_id=None,
+                        input_items=items,
+                        history=items,
+                    )
+                    for i in range(5)
+                )
+            )
+            got = await store.get("k1", "r3")
+            assert got is not None and got.status == "queued" and got.input_items == items
+            assert await store.get("k2", "r3") is None  # another key's: not found
+            assert await store.advance(_response("r3", "in_progress"), "queued")
+            assert not await store.advance(_response("r3", "in_progress"), "queued")
+            await store.update(_response("r3", "completed"))
+            got = await store.get("k1", "r3")
+            assert got is not None and got.status == "completed"
+            assert not await store.delete("k2", "r3")
+            assert await store.delete("k1", "r3")
+            assert await store.get("k1", "r3") is None
+        finally:
+            await db.close()
+
+    asyncio.run(go())
+
+
+def test_on_sqlite_a_locked_database_is_waited_for_off_the_event_loop(tmp_path: Path) -> None:
+    """The store's statements run on the event loop (Database.run) and never wait
+    there for a lock: while another writer holds the database, a put waits off
+    the loop, the loop keeps serving, and it commits once the lock is released."""
+    path = tmp_path / "ledger.db"
+
+    async def go() -> None:
+        db = Database(f"sqlite:///{path}")
+        await db.migrate()
+        store = ResponseStore(db)
+        try:
+            await store.put("k", _response("before"), request_id=None, input_items=[], history=[])
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock
+            held = time.monotonic()
+            putting = asyncio.create_task(
+                store.put("k", _response("locked"), request_id=None, input_items=[], history=[])
+            )
+            ticks = 0
+            while time.monotonic() - held < 0.5:
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert not putting.done()  # still waiting for the lock...
+            assert ticks >= 20  # ...but not on the event loop
+            other.execute("COMMIT")
+            other.close()
+            await asyncio.wait_for(putting, timeout=10)
+            assert await store.get("k", "locked") is not None
+        finally:
+            await db.close()
+
+    asyncio.run(go())
