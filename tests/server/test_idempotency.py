@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
-from tests.support import SCRIPTED_CONFIG, Server, ledger_row
+from tests.support import MASTER, SCRIPTED_CONFIG, Server, ledger_row
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.sse import SSEDecoder
 from tokenwell.server.idempotent import fingerprint, parse_idempotency_key
@@ -297,3 +297,53 @@ def test_concurrent_duplicates_generate_once(server: Server) -> None:
 @pytest.fixture
 def db_path(server: Server) -> Path:
     return server.data_dir / "tokenwell.db"
+
+
+def test_keep_alives_between_numbered_events_do_not_break_the_sdks(tmp_path: Path) -> None:
+    """On a stream whose events carry ``id:`` lines, the openai and anthropic SDKs'
+    decoders keep the last id (as the SSE spec says) and then dispatch any
+    blank line, a keep-alive comment's included, as an event with empty data,
+    which they cannot parse (a background response in CI failed so: its
+    stream paused for a keep-alive). Keep-alives there are comment lines that
+    end no block: every SDK reads the stream whole."""
+    import anthropic
+
+    config = "keepalive_seconds = 0.1\n" + CONFIG
+    with Server(tmp_path, config) as server:
+        pause = "!script " + orjson.dumps({"tokens": [" a", " b", " c"], "delay": 0.35}).decode()
+        key = _key()
+        stream = server.client().chat.completions.create(
+            model="scripted",
+            messages=[{"role": "user", "content": pause}],
+            stream=True,
+            extra_headers={"Idempotency-Key": key},
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == " a b c"
+        # The raw bytes: numbered events, and keep-alives between them.
+        with server.http() as http:
+            body = http.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "scripted",
+                    "messages": [{"role": "user", "content": pause}],
+                    "stream": True,
+                },
+                headers={"Idempotency-Key": _key()},
+            ).content
+        assert b"id: 1\n" in body and body.count(b": keep-alive\n") >= 2
+        assert b": keep-alive\n\n" not in body
+        response = server.client().responses.create(
+            model="scripted", input=pause, stream=True, extra_headers={"Idempotency-Key": _key()}
+        )
+        assert [e.type for e in response][-1] == "response.completed"
+        messages = anthropic.Anthropic(
+            base_url=server.base, auth_token=MASTER, max_retries=0
+        ).messages.create(
+            model="scripted",
+            max_tokens=16,
+            messages=[{"role": "user", "content": pause}],
+            stream=True,
+            extra_headers={"Idempotency-Key": _key()},
+        )
+        assert [e.type for e in messages][-1] == "message_stop"

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -384,17 +384,27 @@ class Database:
         back and runs again through the async engine, which waits off the
         loop. PostgreSQL: through the async engine (each wait an await).
         ``work`` must not block on anything but the database."""
-        if self.sync_engine is not None:
-            try:
-                conn = self._loop_connection()
-                with conn.begin():
-                    return work(conn)
-            except OperationalError as exc:
-                self._drop_loop_connection()
-                if not is_busy(exc):
-                    raise
+        done, result = self.try_on_loop(work)
+        if done:
+            return cast(T, result)
         async with self.engine.begin() as aconn:
             return await aconn.run_sync(work)
+
+    def try_on_loop(self, work: Callable[[Connection], T]) -> tuple[bool, T | None]:
+        """``work`` in one transaction, now, on the event loop, where the database
+        is SQLite and no other writer holds its lock: (True, its result). Else
+        (False, None), and nothing of it was written."""
+        if self.sync_engine is None:
+            return False, None
+        try:
+            conn = self._loop_connection()
+            with conn.begin():
+                return True, work(conn)
+        except OperationalError as exc:
+            self._drop_loop_connection()
+            if not is_busy(exc):
+                raise
+            return False, None
 
     def _loop_connection(self) -> Connection:
         if self._on_loop is None or self._on_loop.closed:

@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
+# The same on a stream whose events carry ``id:`` lines (a resumable one): a
+# comment line that ends no block. The openai and anthropic SDKs' decoders
+# keep the last event id, as the SSE spec says, and then dispatch any blank
+# line as an event, a comment's included, with empty data they cannot parse
+# (JSONDecodeError). The spec dispatches nothing for it; the line joins the
+# next event's block here, which every decoder reads alike.
+KEEPALIVE_NUMBERED = b": keep-alive\n"
 
 
 def encode(data: bytes) -> bytes:

@@ -317,7 +317,7 @@ class Producer:
         if rlog.sse:
             if body == sse.KEEPALIVE:
                 if rlog.sink is not None:
-                    rlog.sink.deliver(body)
+                    rlog.sink.deliver(sse.KEEPALIVE_NUMBERED)
             elif body:
                 start = rlog.end
                 events = split_events(body)
@@ -572,7 +572,13 @@ class LogReader:
             elif done:
                 break
             else:
-                await send({"type": "http.response.body", "body": sse.KEEPALIVE, "more_body": True})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": sse.KEEPALIVE_NUMBERED,
+                        "more_body": True,
+                    }
+                )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _end(self, send: Send, message: str) -> None:
