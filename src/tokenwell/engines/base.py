@@ -72,6 +72,8 @@ class Generation:
 
     # -- engine side
     def push(self, events: list[Event] | tuple[Event, ...]) -> None:
+        if not events:  # (a step whose token was held back: nothing to wake for)
+            return
         for event in events:
             if isinstance(event, Finish):
                 self.finished[event.choice] = event.reason

@@ -230,8 +230,18 @@ class GenerationResponse:
         codec = self.codec
         started = False
         head = b""
+        # A keep-alive goes out only after ``keepalive`` seconds with nothing sent.
+        quiet_since = time.perf_counter()
         while not self.disconnected:
-            events = self._filtered(await gen.next_batch(self.keepalive))
+            wait = max(self.keepalive - (time.perf_counter() - quiet_since), 0.0)
+            events = self._filtered(await gen.next_batch(wait))
+            if (
+                not events
+                and not gen.exhausted
+                and time.perf_counter() - quiet_since < self.keepalive
+            ):
+                continue  # woken with nothing to send (or all of it filtered out)
+            quiet_since = time.perf_counter()
             if not started:
                 if events and isinstance(events[0], Failed):
                     # Nothing was sent yet: an ordinary HTTP error, never a 200.

@@ -533,6 +533,9 @@ class LogReader:
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self._send = send
+        # A keep-alive only after ``keepalive`` seconds with nothing sent (a log
+        # also changes without new events: its head, its readers).
+        quiet_since = time.monotonic()
         while True:
             view = self.view
             if (
@@ -543,8 +546,9 @@ class LogReader:
             ):
                 await self._sink(view)
                 continue
+            wait = max(self.keepalive - (time.monotonic() - quiet_since), 0.0)
             try:
-                events, done = await self.view.read(self.next, self.keepalive)
+                events, done = await self.view.read(self.next, wait)
             except LogGone:
                 if not await self._switch():
                     await self._end(send, "The request's event log is no longer available.")
@@ -569,9 +573,10 @@ class LogReader:
                 )
                 self.next += len(events)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
+                quiet_since = time.monotonic()
             elif done:
                 break
-            else:
+            elif time.monotonic() - quiet_since >= self.keepalive:
                 await send(
                     {
                         "type": "http.response.body",
@@ -579,6 +584,7 @@ class LogReader:
                         "more_body": True,
                     }
                 )
+                quiet_since = time.monotonic()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _end(self, send: Send, message: str) -> None:
