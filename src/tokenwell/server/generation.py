@@ -100,6 +100,10 @@ class GenerationResponse:
         # are (a stored response's row is committed first: a client that has
         # the whole response finds it stored).
         self.before_last: Callable[[], Awaitable[None]] | None = None
+        # Where a stream's events go first when it is produced into a request log
+        # (requestlog.Producer.take_event: no send coroutine per token); True
+        # when taken.
+        self.event_sink: Callable[[bytes], bool] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state")
@@ -264,7 +268,8 @@ class GenerationResponse:
                 _mark_first(gen, events)
             out = head + b"".join(codec.render(event) for event in events)
             head = b""
-            if not self.disconnected:
+            sink = self.event_sink
+            if not self.disconnected and (sink is None or not sink(out)):
                 await send({"type": "http.response.body", "body": out, "more_body": True})
             if gen.failure is not None or self._cut_short:
                 break

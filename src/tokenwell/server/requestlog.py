@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenwell.protocol import sse
 from tokenwell.protocol.render import StreamRenderer
+from tokenwell.server.generation import GenerationResponse
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,8 @@ class Producer:
 
     async def _run(self) -> None:
         mirror = self.remote.mirror(self.log) if self.remote is not None else None
+        if isinstance(self.response, GenerationResponse):
+            self.response.event_sink = self.take_event
         try:
             await self.response({"type": "http"}, self._receive, self._send)
         except Exception:
@@ -283,31 +286,38 @@ class Producer:
         await self._abandon.wait()
         return {"type": "http.disconnect"}
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        rlog = self.log
-        body = message.get("body")
-        if (
+    def take_event(self, body: bytes) -> bool:
+        """One event of a stream (what it sends per token), logged and handed to a
+        caught-up reader, with no coroutine: a ``GenerationResponse`` offers
+        its events here first (its ``event_sink``). False: not one event; it
+        goes through ``_send``."""
+        if not (
             self._streaming
             and body
-            and message.get("more_body")
             and body[-2:] == b"\n\n"
             and body.find(b"\n\n") == len(body) - 2
             and body[0] != 58  # ":": a comment (keep-alive)
         ):
-            # One event, as a stream sends for each token: the general path below,
-            # inlined (this runs 64 times per request of the benchmark).
-            number = rlog.first + len(rlog.events)
-            rlog.events.append(body)
-            rlog.size += len(body)
-            if rlog.size > rlog.max_bytes or rlog._waiters:
-                rlog.size -= len(body)
-                rlog.events.pop()
-                rlog.append([body])
-            elif rlog.on_change is not None:
-                rlog.on_change(rlog)
-            sink = rlog.sink
-            if sink is not None:
-                sink.push_one(body, number)
+            return False
+        rlog = self.log
+        number = rlog.first + len(rlog.events)
+        rlog.events.append(body)
+        rlog.size += len(body)
+        if rlog.size > rlog.max_bytes or rlog._waiters:
+            rlog.size -= len(body)
+            rlog.events.pop()
+            rlog.append([body])
+        elif rlog.on_change is not None:
+            rlog.on_change(rlog)
+        sink = rlog.sink
+        if sink is not None:
+            sink.push_one(body, number)
+        return True
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        rlog = self.log
+        body = message.get("body")
+        if body and message.get("more_body") and self.take_event(body):
             return
         if message["type"] == "http.response.start":
             rlog.start(message["status"], list(message.get("headers", [])))
