@@ -2,10 +2,11 @@
 
 A bench names its APIs (``Api``: a path, a streamed request body and headers)
 against one scripted server that answers each request with ``TOKENS`` tokens;
-``compare`` alternates them (chat, the other, chat, …) so machine noise hits
-each alike, and reports single-stream tokens/s (one connection, one request
-after another), requests/s at ``--concurrency`` streams, and each API's ratio
-to the first one. ``cpu_per_request`` calls the ASGI app in-process (no
+``compare`` alternates them so machine noise hits each alike, and reports
+single-stream tokens/s (one connection, one request after another, the APIs
+taking turns every 8 requests: ``load.interleaved``), requests/s at
+``--concurrency`` streams (the APIs in turn, ``--seconds`` each), and each
+API's ratio to the first one. ``cpu_per_request`` calls the ASGI app in-process (no
 sockets, no client) for the server's CPU per request: steadier than HTTP on a
 shared machine.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MASTER, tokenwell
-from bench.load import run_load
+from bench.load import interleaved, run_load
 
 TOKENS = 64
 SCRIPTED = f"""
@@ -74,8 +75,16 @@ def compare(apis: dict[str, Api], args: argparse.Namespace) -> dict[str, Any]:
     many: dict[str, list[float]] = {name: [] for name in apis}
     try:
         for _ in range(args.rounds):
+            took = asyncio.run(
+                interleaved(
+                    server.base,
+                    {name: (api.path, api.body, api.headers) for name, api in apis.items()},
+                    args.seconds * len(apis),
+                    args.warmup,
+                )
+            )
             for name, api in apis.items():
-                single[name].append(_measure(server.base, name, api, 1, args) * TOKENS)
+                single[name].append(TOKENS * len(took[name]) / sum(took[name]))
                 many[name].append(_measure(server.base, name, api, args.concurrency, args))
                 print(name, round(single[name][-1], 1), "tok/s,", round(many[name][-1], 1), "req/s")
     finally:

@@ -93,6 +93,45 @@ async def _one(
     return ok, ttft, keep
 
 
+async def interleaved(
+    base: str,
+    requests: dict[str, tuple[str, dict[str, Any], dict[str, str]]],
+    seconds: float,
+    warmup: float = 1.0,
+    block: int = 8,
+) -> dict[str, list[float]]:
+    """One keep-alive connection, one request after another, taking turns between
+    ``requests`` (name: path, body, headers) ``block`` requests at a time: each
+    request's time from its first byte sent to its last byte read, by name.
+    Turns of a few milliseconds let every name see the same machine: a drift in
+    its speed, which moves the ratio of two back-to-back runs by 10% and more
+    on a shared 2-core machine, moves all names alike. The first request of a
+    turn is not counted: work the server does after the previous request's
+    last byte (a name's own, in a run of that name alone) falls on it."""
+    built = {
+        name: _request(base + path, body, headers)[2]
+        for name, (path, body, headers) in requests.items()
+    }
+    host, port, _ = _request(base + next(iter(requests.values()))[0], {}, {})
+    times: dict[str, list[float]] = {name: [] for name in built}
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        began = time.perf_counter()
+        while time.perf_counter() - began < warmup + seconds:
+            measuring = time.perf_counter() - began >= warmup
+            for name, raw in built.items():
+                for i in range(block):
+                    start = time.perf_counter()
+                    ok, _, keep = await _one(reader, writer, raw, start)
+                    took = time.perf_counter() - start
+                    assert ok and keep, name
+                    if measuring and i:
+                        times[name].append(took)
+    finally:
+        writer.close()
+    return times
+
+
 async def run_load(
     url: str,
     body: dict[str, Any],

@@ -84,3 +84,41 @@ def test_on_sqlite_a_locked_database_is_waited_for_off_the_event_loop(tmp_path: 
             await db.close()
 
     asyncio.run(go())
+
+
+def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path) -> None:
+    """Read your writes: a response's last bytes may go out before its put has
+    committed (ResponseStore.commits_in_step), so a read, update or delete of a
+    row whose put is queued behind a lock waits for that put; reads of other
+    rows do not."""
+    path = tmp_path / "ledger.db"
+
+    async def go() -> None:
+        db = Database(f"sqlite:///{path}")
+        await db.migrate()
+        store = ResponseStore(db)
+        assert store.commits_in_step
+        try:
+            await store.put("k", _response("other"), request_id=None, input_items=[], history=[])
+            other = sqlite3.connect(path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # holds the write lock
+            putting = asyncio.create_task(
+                store.put("k", _response("queued"), request_id=None, input_items=[], history=[])
+            )
+            await asyncio.sleep(0)  # the put has begun: its row is queued
+            reading = asyncio.create_task(store.get("k", "queued"))
+            deleting = asyncio.create_task(store.delete("k", "queued"))
+            assert await asyncio.wait_for(store.get("k", "other"), timeout=5) is not None
+            await asyncio.sleep(0.3)
+            assert not reading.done() and not deleting.done() and not putting.done()
+            other.execute("COMMIT")
+            other.close()
+            await asyncio.wait_for(putting, timeout=10)
+            got = await asyncio.wait_for(reading, timeout=10)
+            assert got is not None and got.status == "completed"
+            assert await asyncio.wait_for(deleting, timeout=10)  # deleted, not resurrected
+            assert await store.get("k", "queued") is None
+        finally:
+            await db.close()
+
+    asyncio.run(go())

@@ -469,3 +469,44 @@ def test_through_the_upstream_gateway_usage_is_the_upstreams(tmp_path: Path) -> 
             assert row["prompt_tokens"] == called.usage.input_tokens
             assert row["completion_tokens"] == called.usage.output_tokens
             assert row["estimated"] in (False, 0)  # the upstream's own usage
+
+
+def test_a_streams_last_bytes_do_not_wait_for_its_row(tmp_path: Path) -> None:
+    """On SQLite a stored response's last bytes go out before its row commits
+    (ResponseStore.commits_in_step): while another writer holds the database
+    the stream still ends, and a retrieve sent right after it waits for the
+    row instead of answering 404."""
+    import sqlite3
+    import threading
+
+    with Server(tmp_path, SCRIPTED_CONFIG) as server:
+        client = server.client()
+        client.responses.create(model="scripted", input="warm")  # tables and connections
+        locker = sqlite3.connect(
+            server.data_dir / "tokenwell.db", isolation_level=None, check_same_thread=False
+        )
+        released = threading.Event()
+
+        def release() -> None:
+            time.sleep(1.0)
+            locker.execute("COMMIT")
+            released.set()
+
+        try:
+            events = []
+            with client.responses.create(
+                model="scripted", input=script(text="kept while locked", delay=0.1), stream=True
+            ) as stream:
+                for event in stream:
+                    if not events:  # admitted (its ledger row is open): lock the database
+                        locker.execute("BEGIN IMMEDIATE")
+                    events.append(event)
+            assert not released.is_set()  # the stream ended while the lock was held
+            final = events[-1]
+            assert final.type == "response.completed"
+            threading.Thread(target=release, daemon=True).start()
+            again = client.responses.retrieve(final.response.id)
+            assert released.is_set()  # the retrieve waited for the row
+            assert again.output_text == "kept while locked"
+        finally:
+            locker.close()

@@ -10,6 +10,7 @@ response another key made is "not found", as one that never existed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -80,12 +81,36 @@ class ResponseStore:
     (``Database.run``): through the async driver's thread a stored response's
     last bytes waited ~1 ms for its commit, a third of a short response's time;
     and a put commits at once, with no batch to wait for, unless another writer
-    holds the database (then it is queued as on PostgreSQL)."""
+    holds the database (then it is queued as on PostgreSQL).
+
+    Read your writes: a row still queued is waited for by every read, update
+    and delete of its id, so nothing this server handles after a put began
+    misses its row, whether or not the put has committed yet. Where puts
+    commit on the event loop (``commits_in_step``), a response's last bytes
+    therefore need not wait for its put: the client, however fast, reaches a
+    server on which the row is committed or being waited for."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
+        self._committing: dict[str, asyncio.Future[None]] = {}  # queued puts, by id
         self._flusher: asyncio.Task[None] | None = None
+
+    @property
+    def commits_in_step(self) -> bool:
+        """A put starts in the step of the event loop it is called from, before the
+        server handles anything else: it commits there (SQLite, on the loop), or its
+        row is queued where every read of its id waits for it. This server then is
+        the only one that could be asked for the row (PostgreSQL is shared by
+        replicas: there a response goes out only once its row is committed)."""
+        return self.db.sync_engine is not None
+
+    async def _committed(self, response_id: str) -> None:
+        """Until a queued put of this id has committed (or failed)."""
+        done = self._committing.get(response_id)
+        if done is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(done)
 
     async def put(
         self,
@@ -115,6 +140,8 @@ class ResponseStore:
             return  # SQLite, committed at once on the loop (no task, no future)
         done = asyncio.get_running_loop().create_future()
         self._pending.append((values, done))
+        self._committing[values["id"]] = done
+        done.add_done_callback(lambda _: self._committing.pop(values["id"], None))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="stored-responses")
         await done
@@ -135,6 +162,7 @@ class ResponseStore:
 
     async def update(self, response: dict[str, Any]) -> None:
         """The response's newest state (its status, output and usage)."""
+        await self._committed(response["id"])
         statement = (
             update(stored_responses)
             .where(_t.id == response["id"])
@@ -149,6 +177,7 @@ class ResponseStore:
     async def advance(self, response: dict[str, Any], from_status: str) -> bool:
         """Store the response's newest state only if it is still ``from_status`` (a
         later state stored first is never overwritten); whether it was stored."""
+        await self._committed(response["id"])
         statement = (
             update(stored_responses)
             .where(_t.id == response["id"], _t.status == from_status)
@@ -161,10 +190,12 @@ class ResponseStore:
         return await self.db.run(lambda conn: bool(conn.execute(statement).rowcount))
 
     async def get(self, key_id: str, response_id: str) -> StoredResponse | None:
+        await self._committed(response_id)
         statement = select(stored_responses).where(_t.id == response_id, _t.key_id == key_id)
         row = await self.db.run(lambda conn: conn.execute(statement).first())
         return _stored(row) if row is not None else None
 
     async def delete(self, key_id: str, response_id: str) -> bool:
+        await self._committed(response_id)
         statement = delete(stored_responses).where(_t.id == response_id, _t.key_id == key_id)
         return await self.db.run(lambda conn: bool(conn.execute(statement).rowcount))

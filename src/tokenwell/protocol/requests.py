@@ -207,7 +207,7 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     return validate_chat_request(data)
 
 
-def validate_chat_request(data: dict[str, Any]) -> ChatRequest:
+def validate_chat_request(data: dict[str, Any], api: str = "chat.completions") -> ChatRequest:
     try:
         body = _Body.model_validate(data)
     except ValidationError as exc:
@@ -267,6 +267,7 @@ def validate_chat_request(data: dict[str, Any]) -> ChatRequest:
         metadata=dict(body.metadata or {}),
         cache_key=body.prompt_cache_key or body.safety_identifier or body.user,
         raw=data,
+        api=api,
     )
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -547,7 +547,7 @@ def to_chat(
     if body.metadata:  # recorded on the ledger row as the request's tags
         chat["metadata"] = body.metadata
     try:
-        return replace(validate_chat_request(chat), api="responses")
+        return validate_chat_request(chat, api="responses")
     except InvalidRequest as exc:
         exc.param = _responses_param(exc.param)
         raise
@@ -791,9 +791,10 @@ class ResponsesEncoder:
         return self._event("response.queued", response=self.snapshot("queued"))
 
     def start(self) -> list[dict[str, Any]]:
+        response = self.snapshot()  # the same object in both (serialized as it is now)
         return [
-            self._event("response.created", response=self.snapshot()),
-            self._event("response.in_progress", response=self.snapshot()),
+            self._event("response.created", response=response),
+            self._event("response.in_progress", response=response),
         ]
 
     def feed(self, event: Event) -> list[dict[str, Any]]:

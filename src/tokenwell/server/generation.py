@@ -98,8 +98,12 @@ class GenerationResponse:
         self._ending: asyncio.Task[None] | None = None
         # Awaited just before the response's last bytes go out, whatever they
         # are (a stored response's row is committed first: a client that has
-        # the whole response finds it stored).
+        # the whole response finds it stored) ...
         self.before_last: Callable[[], Awaitable[None]] | None = None
+        # ... or just after them, where what it does is seen by every request
+        # the server handles next (a put that commits in the same step of the
+        # event loop: ResponseStore.commits_in_step).
+        self.after_last: Callable[[], Awaitable[None]] | None = None
         # Where a stream's events go first when it is produced into a request log
         # (requestlog.Producer.take_event: no send coroutine per token); True
         # when taken.
@@ -324,7 +328,11 @@ class GenerationResponse:
     async def _send_last(self, send: Send, body: bytes) -> None:
         if self.before_last is not None:
             await self.before_last()
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        try:
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        finally:
+            if self.after_last is not None:
+                await self.after_last()
 
     async def _send_error(self, send: Send, failure: Failed) -> None:
         status, content = self.codec.error_body(failure)

@@ -198,7 +198,12 @@ class ResponsesService:
                 )
             return json_response(live.queued, headers=ticket.headers)
         if rr.store:
-            response.before_last = partial(self._store_final, key, rr, ticket, history, codec)
+            assert self.store is not None
+            store_final = partial(self._store_final, key, rr, ticket, history, codec)
+            if self.store.commits_in_step:
+                response.after_last = store_final  # its last bytes do not wait for it
+            else:
+                response.before_last = store_final
         return response
 
     async def _generate(
@@ -246,7 +251,8 @@ class ResponsesService:
         history: list[dict[str, Any]],
         codec: ResponsesCodec,
     ) -> None:
-        """A finished response's row, committed before its last bytes go out."""
+        """A finished response's row: committed before the server handles anything
+        else after its last bytes (ResponseStore.commits_in_step), else before them."""
         assert self.store is not None
         if codec.final is None:
             return
