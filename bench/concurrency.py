@@ -26,6 +26,9 @@ Peers (set up by ``bench/peers.py``, never committed):
                             [--seconds 20] [--mode closed|waves]
                             [--servers tokenwell,llama-server[,llama-cpp-server,
                                        tokenwell-nospec,tokenwell-native]]
+
+A tokenwell server named ``tokenwell@key=value`` runs with that top-level
+setting (``tokenwell@gil_switch_ms=0.5``), beside the others.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
     from tokenwell.engines.llamacpp.model import builtin_model_path
 
     gguf = str(builtin_model_path())
+    name, _, setting = name.partition("@")
+    top = setting.replace("=", " = ", 1) + "\n" if setting else ""
     if name in ("tokenwell", "tokenwell-native", "tokenwell-nospec"):
         # tokenwell-native: the same server on pip's native build of llama.cpp
         # (bench/peers.py), to show what the portable build costs;
@@ -72,7 +77,7 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
         env = {"PYTHONPATH": str(peers.native_site())} if name == "tokenwell-native" else None
         extra = "draft_max = 0\n" if name == "tokenwell-nospec" else ""
         proc = tokenwell(
-            f'[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
+            f'{top}[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
             f"context = {CONTEXT}\nthreads = {threads}\n{extra}",
             env=env,
         )

@@ -108,6 +108,9 @@ class GenerationResponse:
         # (requestlog.Producer.take_event: no send coroutine per token); True
         # when taken.
         self.event_sink: Callable[[bytes], bool] | None = None
+        # Produced into a request log, whose producer says when every reader has
+        # gone (``abandon``): no receive channel to watch, so no task for it.
+        self.detached = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.get("state")
@@ -119,7 +122,7 @@ class GenerationResponse:
             # at 4x only if it did not (one step can push many events).
             mark = self.stream_buffer * gen.n
             gen.backpressure(mark, mark * 4 if pauses else mark, self._too_slow)
-        watcher = asyncio.create_task(self._watch(receive))
+        watcher = None if self.detached else asyncio.create_task(self._watch(receive))
         try:
             if self.stream:
                 await self._send_stream(send)
@@ -134,7 +137,8 @@ class GenerationResponse:
             self.interrupted = True
             self.generation.cancel()
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             await asyncio.shield(self._finish())
         if self.interrupted and not self.disconnected:
             await self._send_interrupted(send)
@@ -166,6 +170,10 @@ class GenerationResponse:
             if message["type"] == "http.disconnect":
                 self._client_gone()
                 return
+
+    def abandon(self) -> None:
+        """No one reads this response any more (a detached one's producer says so)."""
+        self._client_gone()
 
     def _client_gone(self) -> None:
         if not self.disconnected:

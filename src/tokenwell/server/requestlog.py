@@ -267,6 +267,7 @@ class Producer:
         mirror = self.remote.mirror(self.log) if self.remote is not None else None
         if isinstance(self.response, GenerationResponse):
             self.response.event_sink = self.take_event
+            self.response.detached = True  # told by _give_up, not through _receive
         try:
             await self.response({"type": "http"}, self._receive, self._send)
         except Exception:
@@ -377,6 +378,8 @@ class Producer:
     def _give_up(self) -> None:
         self.abandoned = True
         self._abandon.set()
+        if isinstance(self.response, GenerationResponse):
+            self.response.abandon()
 
 
 # ---------------------------------------------------------------------- reader
