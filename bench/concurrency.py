@@ -214,6 +214,8 @@ class Tally:
             "ttft_p50_ms": round(median(self.ttfts) * 1000, 1),
             "ttft_p99_ms": round(pct(self.ttfts, 99) * 1000, 1),
             "itl_p50_ms": round(median(self.gaps) * 1000, 2),
+            "itl_p90_ms": round(pct(self.gaps, 90) * 1000, 2),
+            "itl_mean_ms": round(sum(self.gaps) / max(len(self.gaps), 1) * 1000, 2),
         }
 
 
