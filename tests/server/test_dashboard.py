@@ -185,10 +185,13 @@ def _dashboard(driver: webdriver.Chrome, server: Server, tmp_path: Path) -> None
     row.find_element(By.CSS_SELECTOR, ".actions details summary").click()
     tpm = row.find_element(By.CSS_SELECTOR, ".edit-key input[name=tpm]")
     tpm.send_keys("5000")
+    # The form posts and the page comes back at the same URL: wait for a new
+    # document, not for the URL (already the keys page) nor for the old row to go
+    # stale (chromedriver can answer "Node ... does not belong to the document"
+    # instead of a stale-element error while the old page is torn down).
+    driver.execute_script("window.tokenwellOldPage = true")
     row.find_element(By.CSS_SELECTOR, ".edit-key button").click()
-    # The form posts and the page comes back at the same URL: wait for the new page
-    # (the old row goes stale), not for the URL, which is already the keys page.
-    wait(driver).until(ec.staleness_of(row))
+    wait(driver).until(lambda d: not d.execute_script("return !!window.tokenwellOldPage"))
     wait(driver).until(ec.presence_of_element_located((By.ID, f"key-{bob_id}")))
     with server.http() as http:
         assert http.get(f"/admin/keys/{bob_id}").json()["tpm"] == 5000
