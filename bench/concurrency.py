@@ -29,7 +29,9 @@ Peers (set up by ``bench/peers.py``, never committed):
                                        tokenwell-nospec,tokenwell-native]]
 
 A tokenwell server named ``tokenwell@key=value`` runs with that top-level
-setting (``tokenwell@gil_switch_ms=0.5``), beside the others.
+setting (``tokenwell@gil_switch_ms=0.5``), beside the others; one named
+``tokenwell@env:NAME=value`` with that environment variable
+(``tokenwell@env:OMP_WAIT_POLICY=active``).
 """
 
 from __future__ import annotations
@@ -70,17 +72,22 @@ def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
 
     gguf = str(builtin_model_path())
     name, _, setting = name.partition("@")
-    top = setting.replace("=", " = ", 1) + "\n" if setting else ""
+    # tokenwell@key=value: a top-level setting changed; tokenwell@env:NAME=value:
+    # an environment variable set for the server process.
+    variable = setting[4:].split("=", 1) if setting.startswith("env:") else None
+    top = setting.replace("=", " = ", 1) + "\n" if setting and variable is None else ""
     if name in ("tokenwell", "tokenwell-native", "tokenwell-nospec"):
         # tokenwell-native: the same server on pip's native build of llama.cpp
         # (bench/peers.py), to show what the portable build costs;
         # tokenwell-nospec: without speculative decoding (draft_max = 0).
-        env = {"PYTHONPATH": str(peers.native_site())} if name == "tokenwell-native" else None
+        env = {"PYTHONPATH": str(peers.native_site())} if name == "tokenwell-native" else {}
+        if variable is not None:
+            env[variable[0]] = variable[1]
         extra = "draft_max = 0\n" if name == "tokenwell-nospec" else ""
         proc = tokenwell(
             f'{top}[[models]]\nname = "{MODEL}"\nengine = "llamacpp"\nparallel = {PARALLEL}\n'
             f"context = {CONTEXT}\nthreads = {threads}\n{extra}",
-            env=env,
+            env=env or None,
         )
         return proc.wait(), {"Authorization": f"Bearer {MASTER}"}, MODEL
     if name == "llama-server":
