@@ -292,27 +292,46 @@ class Producer:
         caught-up reader, with no coroutine: a ``GenerationResponse`` offers
         its events here first (its ``event_sink``). False: not one event; it
         goes through ``_send``."""
+        size = len(body)
         if not (
             self._streaming
-            and body
-            and body[-2:] == b"\n\n"
-            and body.find(b"\n\n") == len(body) - 2
+            and body.find(b"\n\n") == size - 2  # one event, ending the body
             and body[0] != 58  # ":": a comment (keep-alive)
         ):
             return False
         rlog = self.log
         number = rlog.first + len(rlog.events)
         rlog.events.append(body)
-        rlog.size += len(body)
+        rlog.size += size
         if rlog.size > rlog.max_bytes or rlog._waiters:
-            rlog.size -= len(body)
+            rlog.size -= size
             rlog.events.pop()
             rlog.append([body])
         elif rlog.on_change is not None:
             rlog.on_change(rlog)
         sink = rlog.sink
-        if sink is not None:
-            sink.push_one(body, number)
+        if sink is None:
+            return True
+        if number != sink.next:  # pragma: no cover - a sink is always caught up
+            sink.unsink(None)
+            return True
+        # LogReader.push and .deliver for one event, inline: this runs per token.
+        sink.next = number + 1
+        sending = sink._send(  # type: ignore[misc]
+            {
+                "type": "http.response.body",
+                "body": b"id: %d\n%s" % (number, body),
+                "more_body": True,
+            }
+        )
+        try:
+            pending = sending.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            return True  # written: the usual case
+        except Exception as exc:
+            sink.unsink(exc)
+            return True
+        sink.unsink((sending, pending))
         return True
 
     async def _send(self, message: dict[str, Any]) -> None:
@@ -416,14 +435,6 @@ class LogReader:
             return
         self.next = start + len(events)
         self.deliver(b"".join(b"id: %d\n%s" % (n, e) for n, e in enumerate(events, start)))
-
-    def push_one(self, event: bytes, number: int) -> None:
-        """``push`` for one event."""
-        if number != self.next:  # pragma: no cover - a sink is always caught up
-            self.unsink(None)
-            return
-        self.next = number + 1
-        self.deliver(b"id: %d\n%s" % (number, event))
 
     def deliver(self, body: bytes) -> None:
         """Send ``body`` without making the producer wait: a send that cannot finish
