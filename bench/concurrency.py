@@ -211,6 +211,8 @@ class Tally:
     # tokenwell's speculative decoding: tokens drafted, and kept.
     drafted: int = 0
     kept: int = 0
+    # What its scheduler had learnt at the end of the level (/health).
+    learnt: dict[str, Any] = field(default_factory=dict)
 
     def summary(self, streams: int) -> dict[str, Any]:
         return {
@@ -223,6 +225,7 @@ class Tally:
             "itl_p50_ms": round(median(self.gaps) * 1000, 2),
             "itl_p90_ms": round(pct(self.gaps, 90) * 1000, 2),
             "itl_mean_ms": round(sum(self.gaps) / max(len(self.gaps), 1) * 1000, 2),
+            **self.learnt,
         }
 
 
@@ -324,6 +327,9 @@ def interleaved(args: argparse.Namespace, names: list[str], levels: list[int]) -
                         tallies[name].kept += (
                             after["draft_accepted_tokens"] - before["draft_accepted_tokens"]
                         )
+                        tallies[name].learnt = {
+                            k: after.get(k) for k in ("step_cost", "draft_odds")
+                        }
             for name in names:
                 results[name].append(tallies[name].summary(streams))
                 print(name, json.dumps(results[name][-1]), flush=True)

@@ -248,6 +248,11 @@ def test_greedy_and_seeded_text_is_the_same_with_and_without_drafts() -> None:
     stats = drafted["stats"]
     # Drafts were decoded, and kept: the answer repeats its input.
     assert stats["draft_tokens"] > 0 and stats["draft_accepted_tokens"] > 0
+    # What was learnt is in the engine's stats (/health): drafts were chosen on
+    # a fitted step cost, and the greedy odds moved from their prior.
+    assert stats["step_cost"]["per_token_ms"] > 0
+    assert any(chance != 0.5 for chance in stats["draft_odds"]["greedy"].values())
+    assert set(stats["draft_odds"]["greedy"]) == {str(n) for n in range(2, 9)}
     assert "while low <= high:" in "".join(t[0] for t in drafted["greedy"][0])
     for name in args:
         assert agree(plain[name][0], drafted[name][0]), name

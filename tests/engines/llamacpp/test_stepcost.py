@@ -49,6 +49,14 @@ def test_the_fit_finds_the_parts_of_a_step() -> None:
     assert abs(cost.per_prompt - 0.0023) < 0.0002
 
 
+def test_the_fit_is_reported_in_milliseconds_once_known() -> None:
+    assert StepCost().snapshot() is None
+    snapshot = learnt(0.004, 0.004, 0.0023).snapshot()
+    assert snapshot is not None
+    assert abs(snapshot["fixed_ms"] - 4) < 0.1 and abs(snapshot["per_token_ms"] - 4) < 0.1
+    assert abs(snapshot["per_prompt_token_ms"] - 2.3) < 0.01
+
+
 def test_steps_stalled_by_other_processes_do_not_skew_the_fit() -> None:
     cost = learnt(0.004, 0.004, 0.0023, noise=0.05, stalls=0.05)
     assert cost.fixed is not None

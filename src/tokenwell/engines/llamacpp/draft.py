@@ -51,6 +51,13 @@ class Odds:
     def chance(self, match: int, greedy: bool) -> float:
         return self._rate[(min(match, LONG), int(greedy))]
 
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """The learnt chances, by greedy or sampled and match length (``/health``)."""
+        return {
+            kind: {str(n): round(self._rate[(n, greedy)], 3) for n in range(NGRAM_MIN, LONG + 1)}
+            for kind, greedy in (("greedy", 1), ("sampled", 0))
+        }
+
     def learn(self, match: int, greedy: bool, hit: bool) -> None:
         key = (min(match, LONG), int(greedy))
         self._rate[key] += LEARN * (float(hit) - self._rate[key])

@@ -291,4 +291,8 @@ class LlamaCppEngine(Engine):
             "decode_seconds": round(scheduler.decode_seconds, 6),
             "sample_seconds": round(scheduler.sample_seconds, 6),
             "step_seconds": round(scheduler.step_seconds, 6),
+            # What the scheduler learnt: a step's cost (how prompts share steps,
+            # whether a draft pays) and the chance a drafted token is kept.
+            "step_cost": scheduler.cost.snapshot(),
+            "draft_odds": scheduler.odds.snapshot(),
         }

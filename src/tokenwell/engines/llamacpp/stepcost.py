@@ -80,6 +80,16 @@ class StepCost:
             per_prompt * 1000,
         )
 
+    def snapshot(self) -> dict[str, float] | None:
+        """The fit in milliseconds (``/health``); None while unknown."""
+        if self.fixed is None:
+            return None
+        return {
+            "fixed_ms": round(self.fixed * 1000, 3),
+            "per_token_ms": round(self.per_token * 1000, 3),
+            "per_prompt_token_ms": round(self.per_prompt * 1000, 4),
+        }
+
     def worth_joining(self, prompts: int, tokens: int, generating: int) -> bool:
         """Whether a prompt of ``tokens`` (to compute now) should join a step that
         already holds ``prompts`` prompts and ``generating`` sequences' tokens.
