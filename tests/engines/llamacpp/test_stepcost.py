@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from tokenwell.engines.llamacpp.stepcost import MIN_CHUNK, MIN_STEPS, StepCost
+from tokenwell.engines.llamacpp.stepcost import MIN_CHUNK, MIN_STEPS, WINDOW, StepCost
 
 
 def learnt(
@@ -102,3 +102,32 @@ def test_drafts_fit_in_a_step_near_its_target() -> None:
     # Streams that fill the step already: no drafts (never a negative room).
     assert cost.draft_room(64, 0.15) == 0
     assert cost.draft_room(4, 0) is None and StepCost().draft_room(4, 0.15) is None
+
+
+def _steady(seed: int, fixed: float, per_token: float, per_prompt: float) -> StepCost:
+    """Four streams that keep generating, closed-loop: a step holds four
+    sequences' tokens, or three and the prompt of the request that replaced
+    the fourth; 5% noise. The fixed and per-token parts are then one number."""
+    rng = random.Random(seed)
+    cost = StepCost()
+    for _ in range(WINDOW):
+        generating, prompt = (3, rng.randint(40, 50)) if rng.random() < 0.12 else (4, 0)
+        seconds = fixed + per_token * generating + per_prompt * prompt
+        cost.add(generating, prompt, seconds * (1 + rng.uniform(-0.05, 0.05)))
+    return cost
+
+
+def test_a_generating_token_is_never_priced_below_a_prompt_token() -> None:
+    """With about as many streams in every step, the fixed and per-token parts
+    are one number to the fit: whatever split it finds, a generating token is
+    priced at least as a prompt token, no part is negative, and the steps
+    it was fed are still predicted (a drafted token is priced by per_token)."""
+    truth = (0.004, 0.004, 0.0023)
+    for seed in range(20):
+        cost = _steady(seed, *truth)
+        assert cost.fixed is not None, seed
+        assert cost.per_token >= cost.per_prompt > 0 and cost.fixed >= 0, (seed, cost.snapshot())
+        for generating, prompt in ((4, 0), (3, 45), (3, 40)):
+            want = truth[0] + truth[1] * generating + truth[2] * prompt
+            got = cost.fixed + cost.per_token * generating + cost.per_prompt * prompt
+            assert abs(got - want) < 0.1 * want, (seed, generating, prompt, cost.snapshot())

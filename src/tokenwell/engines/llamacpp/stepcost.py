@@ -57,21 +57,37 @@ class StepCost:
         rows = np.array(self._steps, dtype=np.float64)
         if np.count_nonzero(rows[:, 1]) < MIN_PROMPT_STEPS:
             return
-        x = np.column_stack([np.ones(len(rows)), rows[:, 0], rows[:, 1]])
         y = rows[:, 2]
-        coef, _, rank, _ = np.linalg.lstsq(x, y, rcond=None)
-        if rank < 3:
+        keep = np.ones(len(rows), dtype=bool)
+        free = _solve(_design(rows, True, True), y)
+        if free is not None:
+            # Steps slowed by something else (another process took a core) are
+            # outliers of a shared machine: fit again without them.
+            x = _design(rows, True, True)
+            residual = np.abs(y - x @ free)
+            kept = residual <= 3 * max(float(np.median(residual)), 1e-4)
+            if kept.sum() >= MIN_STEPS // 2 and np.count_nonzero(rows[kept, 1]) >= MIN_PROMPT_STEPS:
+                keep = kept
+        # The first plausible fit: every part at least 0 (no part of a step is
+        # free), and a generating sequence's token at least a prompt token's price
+        # (it is the same token through the same layers, plus its logits). The
+        # free fit fails that where the steps cannot tell the parts apart: with
+        # about as many streams generating in every step (4 streams, 4 tokens a
+        # step) the fixed part and the per-token part are one number, and a free
+        # fit split it at random (seen: 22 ms fixed + 1.2 ms a token beside 3.5 ms
+        # a prompt token), which priced a drafted token far below its cost. Then
+        # one price per token, with a fixed part, then without one.
+        for intercept, split in ((True, True), (True, False), (False, True), (False, False)):
+            coef = _solve(_design(rows[keep], intercept, split), y[keep])
+            if coef is None:
+                continue
+            parts = [float(c) for c in coef]
+            fixed = parts.pop(0) if intercept else 0.0
+            per_token, per_prompt = parts if split else (parts[0], parts[0])
+            if min(fixed, per_token, per_prompt) >= 0 and per_token >= per_prompt:
+                break
+        else:
             return
-        # Steps slowed by something else (another process took a core) are
-        # outliers of a shared machine: fit again without them.
-        residual = np.abs(y - x @ coef)
-        keep = residual <= 3 * max(float(np.median(residual)), 1e-4)
-        if keep.sum() >= MIN_STEPS // 2 and np.count_nonzero(rows[keep, 1]) >= MIN_PROMPT_STEPS:
-            coef, _, rank, _ = np.linalg.lstsq(x[keep], y[keep], rcond=None)
-        if rank < 3 or not np.all(np.isfinite(coef)):
-            return
-        # A noisy machine can fit a negative part; no part of a step is free.
-        fixed, per_token, per_prompt = (max(float(c), 0.0) for c in coef)
         self.fixed, self.per_token, self.per_prompt = fixed, per_token, per_prompt
         log.debug(
             "a step costs %.2f ms + %.2f ms per generating sequence + %.2f ms per prompt token",
@@ -124,3 +140,19 @@ class StepCost:
             return None
         spare = step_seconds - self.fixed - self.per_token * generating
         return max(0, int(spare / self.per_token))
+
+
+def _design(rows: np.ndarray, intercept: bool, split: bool) -> np.ndarray:
+    """The fit's columns: [1,] generating, prompt tokens (or their sum)."""
+    columns = [rows[:, 0], rows[:, 1]] if split else [rows[:, 0] + rows[:, 1]]
+    if intercept:
+        columns.insert(0, np.ones(len(rows)))
+    return np.column_stack(columns)
+
+
+def _solve(x: np.ndarray, y: np.ndarray) -> np.ndarray | None:
+    """Least squares; None where the columns do not determine the coefficients."""
+    coef, _, rank, _ = np.linalg.lstsq(x, y, rcond=None)
+    if rank < x.shape[1] or not np.all(np.isfinite(coef)):
+        return None
+    return coef
