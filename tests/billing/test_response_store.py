@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tokenwell.billing.db import Database
-from tokenwell.billing.responses import ResponseStore
+from tokenwell.billing.responses import GROUP_ROWS, ResponseStore
 
 
 def _response(rid: str, status: str = "completed") -> dict[str, Any]:
@@ -64,12 +66,12 @@ def test_on_sqlite_a_locked_database_is_waited_for_off_the_event_loop(tmp_path: 
         store = ResponseStore(db)
         try:
             await store.put("k", _response("before"), request_id=None, input_items=[], history=[])
+            await store.flush()
             other = sqlite3.connect(path, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")  # holds the write lock
             held = time.monotonic()
-            putting = asyncio.create_task(
-                store.put("k", _response("locked"), request_id=None, input_items=[], history=[])
-            )
+            await store.put("k", _response("locked"), request_id=None, input_items=[], history=[])
+            putting = asyncio.create_task(store.flush())
             ticks = 0
             while time.monotonic() - held < 0.5:
                 await asyncio.sleep(0.01)
@@ -89,8 +91,8 @@ def test_on_sqlite_a_locked_database_is_waited_for_off_the_event_loop(tmp_path: 
 def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path) -> None:
     """Read your writes: a response's last bytes may go out before its put has
     committed (ResponseStore.commits_in_step), so a read, update or delete of a
-    row whose put is queued behind a lock waits for that put; reads of other
-    rows do not."""
+    row whose put is queued (here behind a lock) waits for that put; reads of
+    other rows do not."""
     path = tmp_path / "ledger.db"
 
     async def go() -> None:
@@ -100,12 +102,12 @@ def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path
         assert store.commits_in_step
         try:
             await store.put("k", _response("other"), request_id=None, input_items=[], history=[])
+            await store.flush()
             other = sqlite3.connect(path, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")  # holds the write lock
-            putting = asyncio.create_task(
-                store.put("k", _response("queued"), request_id=None, input_items=[], history=[])
-            )
-            await asyncio.sleep(0)  # the put has begun: its row is queued
+            await store.put("k", _response("queued"), request_id=None, input_items=[], history=[])
+            putting = asyncio.create_task(store.flush())  # its row is queued
+            await asyncio.sleep(0)
             reading = asyncio.create_task(store.get("k", "queued"))
             deleting = asyncio.create_task(store.delete("k", "queued"))
             assert await asyncio.wait_for(store.get("k", "other"), timeout=5) is not None
@@ -122,3 +124,65 @@ def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path
             await db.close()
 
     asyncio.run(go())
+
+
+def test_on_sqlite_rows_put_together_commit_together_and_close_commits_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Puts within one commit window are one transaction; each row is readable
+    (its read waits for the commit) as soon as its put returned; a put that
+    returned before the store closed is on disk after it, window or not."""
+    path = tmp_path / "ledger.db"
+
+    async def go() -> None:
+        db = Database(f"sqlite:///{path}")
+        await db.migrate()
+        store = ResponseStore(db)
+        try:
+            for i in range(10):
+                await store.put(
+                    "k", _response(f"r{i}"), request_id=None, input_items=[], history=[]
+                )
+            assert store.commits == 0  # queued, in one window
+            got = await asyncio.wait_for(store.get("k", "r7"), timeout=5)
+            assert got is not None and got.status == "completed"
+            assert store.commits == 1
+            for i in range(10, 10 + GROUP_ROWS):  # a full group commits at once
+                await store.put(
+                    "k", _response(f"r{i}"), request_id=None, input_items=[], history=[]
+                )
+            assert store.commits == 2
+            await store.put("k", _response("last"), request_id=None, input_items=[], history=[])
+            await store.close()
+        finally:
+            await db.close()
+        rows = sqlite3.connect(path).execute("SELECT count(*) FROM stored_responses").fetchone()
+        assert rows == (11 + GROUP_ROWS,)
+
+    asyncio.run(go())
+
+
+def test_a_failed_commit_is_retried_row_by_row_and_the_bad_row_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "ledger.db"
+
+    async def go() -> None:
+        db = Database(f"sqlite:///{path}")
+        await db.migrate()
+        store = ResponseStore(db)
+        try:
+            await store.put("k", _response("dup"), request_id=None, input_items=[], history=[])
+            await store.flush()
+            # The same id again: the primary key refuses the batch, whose other
+            # row is then committed on its own.
+            await store.put("k", _response("dup"), request_id=None, input_items=[], history=[])
+            await store.put("k", _response("other"), request_id=None, input_items=[], history=[])
+            assert await asyncio.wait_for(store.get("k", "other"), timeout=5) is not None
+            assert await asyncio.wait_for(store.get("k", "dup"), timeout=5) is not None
+        finally:
+            await db.close()
+
+    with caplog.at_level("ERROR", logger="tokenwell.billing.responses"):
+        asyncio.run(go())
+    assert "storing 1 response(s) failed" in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,7 @@ from sqlalchemy import Connection, delete, insert, select, update
 from tokenwell.billing.db import Database, stored_responses
 
 _t = stored_responses.c
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -57,6 +59,24 @@ def _stored(row: Any) -> StoredResponse:
     )
 
 
+def _retrieved(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()  # logged by the flush, not again as never retrieved
+
+
+def _settle(
+    batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: Exception | None
+) -> None:
+    if exc is not None:
+        log.error("storing %d response(s) failed: %s", len(batch), exc)
+    for _, done in batch:
+        if not done.done():
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+
 _COLUMNS = tuple(column.name for column in stored_responses.columns)
 # SQLite's statement, for its driver directly: a third of a stored response's
 # commit was SQLAlchemy's compiling and binding of the same statement.
@@ -73,36 +93,45 @@ def _insert(rows: list[dict[str, Any]], conn: Connection) -> None:
         conn.execute(insert(stored_responses), rows)
 
 
+# SQLite: rows put within this long of one another commit in one transaction.
+GROUP_SECONDS = 0.02
+GROUP_ROWS = 64  # ... or as soon as this many are waiting
+
+
 class ResponseStore:
-    """Puts are batched: every response finishing while a commit runs goes into the
-    next one (one transaction, one multi-row INSERT), and each ``put`` returns once
-    its row is committed. A transaction per response cost a stream about twice its
-    own CPU (bench/responses.py). On SQLite every statement runs on the event loop
-    (``Database.run``): through the async driver's thread a stored response's
-    last bytes waited ~1 ms for its commit, a third of a short response's time;
-    and a put commits at once, with no batch to wait for, unless another writer
-    holds the database (then it is queued as on PostgreSQL).
+    """Puts are batched: one transaction, one multi-row INSERT, for every response
+    that finishes while the previous commit is pending.
+
+    On SQLite (``commits_in_step``) a put is queued on the event loop and returns
+    at once; the rows put within ``GROUP_SECONDS`` of the first (or
+    ``GROUP_ROWS`` of them) commit together, on the loop, unless another writer
+    holds the database (then off the loop, as on PostgreSQL). One row per
+    transaction cost a single stream ~5% of its throughput: a commit writes each
+    B-tree page it touched to the WAL, and consecutive rows share their pages
+    (bench/RESULTS.md, issue 13). What a commit window risks is the last
+    ``GROUP_SECONDS`` of stored responses on a kill -9 of the server (never a
+    ledger row: billing commits on its own), and ``close`` commits what is
+    queued. On PostgreSQL, shared by replicas, a put returns once its row is
+    committed, and a response goes out only after.
 
     Read your writes: a row still queued is waited for by every read, update
     and delete of its id, so nothing this server handles after a put began
-    misses its row, whether or not the put has committed yet. Where puts
-    commit on the event loop (``commits_in_step``), a response's last bytes
-    therefore need not wait for its put: the client, however fast, reaches a
-    server on which the row is committed or being waited for."""
+    misses its row, whether or not the put has committed yet."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
         self._pending: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._committing: dict[str, asyncio.Future[None]] = {}  # queued puts, by id
         self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.commits = 0  # transactions that stored rows
 
     @property
     def commits_in_step(self) -> bool:
-        """A put starts in the step of the event loop it is called from, before the
-        server handles anything else: it commits there (SQLite, on the loop), or its
-        row is queued where every read of its id waits for it. This server then is
-        the only one that could be asked for the row (PostgreSQL is shared by
-        replicas: there a response goes out only once its row is committed)."""
+        """A put is queued in the step of the event loop it is called from, where
+        every read of its id waits for it: this server then is the only one that
+        could be asked for the row (PostgreSQL is shared by replicas: there a
+        response goes out only once its row is committed)."""
         return self.db.sync_engine is not None
 
     async def _committed(self, response_id: str) -> None:
@@ -136,15 +165,49 @@ class ResponseStore:
             "created_at": now,
             "updated_at": now,
         }
-        if not self._pending and self.db.try_on_loop(partial(_insert, [values]))[0]:
-            return  # SQLite, committed at once on the loop (no task, no future)
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        rid = values["id"]
         self._pending.append((values, done))
-        self._committing[values["id"]] = done
-        done.add_done_callback(lambda _: self._committing.pop(values["id"], None))
+        self._committing[rid] = done
+        done.add_done_callback(lambda _: self._committing.pop(rid, None))
+        if not self.commits_in_step:
+            self._start_flusher()
+            await done
+            return
+        done.add_done_callback(_retrieved)  # a failure is logged by the flush
+        if self._flusher is not None and not self._flusher.done():
+            return  # the flusher off the loop takes it with the rest
+        if len(self._pending) >= GROUP_ROWS:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = None
+            self._flush_on_loop()
+        elif self._timer is None:
+            self._timer = loop.call_later(GROUP_SECONDS, self._flush_on_loop)
+
+    def _flush_on_loop(self) -> None:
+        """SQLite: every queued row in one transaction, now, on the event loop;
+        off it where another writer holds the database."""
+        self._timer = None
+        if not self._pending or (self._flusher is not None and not self._flusher.done()):
+            return
+        batch, self._pending = self._pending, []
+        try:
+            done, _ = self.db.try_on_loop(partial(_insert, [values for values, _ in batch]))
+        except Exception as exc:
+            self._one_by_one(batch, exc)
+            return
+        if done:
+            self.commits += 1
+            _settle(batch, None)
+        else:  # locked: wait for it off the loop
+            self._pending = batch + self._pending
+            self._start_flusher()
+
+    def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="stored-responses")
-        await done
 
     async def _flush(self) -> None:
         while self._pending:
@@ -152,13 +215,51 @@ class ResponseStore:
             try:
                 await self.db.run(partial(_insert, [values for values, _ in batch]))
             except Exception as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+                if len(batch) == 1:
+                    _settle(batch, exc)
+                else:
+                    await self._each(batch)
             else:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+                self.commits += 1
+                _settle(batch, None)
+
+    def _one_by_one(
+        self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]], exc: Exception
+    ) -> None:
+        if len(batch) == 1:
+            _settle(batch, exc)
+        else:
+            self._pending = batch + self._pending
+            self._flusher = asyncio.create_task(self._each_then_flush(), name="stored-responses")
+
+    async def _each_then_flush(self) -> None:
+        batch, self._pending = self._pending, []
+        await self._each(batch)
+        await self._flush()
+
+    async def _each(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+        """A batch that failed, again a row at a time: one bad row (or one that
+        no longer fits) costs no other its place."""
+        for one in batch:
+            try:
+                await self.db.run(partial(_insert, [one[0]]))
+            except Exception as exc:
+                _settle([one], exc)
+            else:
+                self.commits += 1
+                _settle([one], None)
+
+    async def flush(self) -> None:
+        """Until every row put so far has committed (or failed)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._flush_on_loop()
+        while waiting := [done for done in self._committing.values() if not done.done()]:
+            await asyncio.wait(waiting)
+
+    async def close(self) -> None:
+        """Commit what is queued; before the database closes."""
+        await self.flush()
 
     async def update(self, response: dict[str, Any]) -> None:
         """The response's newest state (its status, output and usage)."""

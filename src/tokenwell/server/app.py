@@ -306,6 +306,9 @@ async def _running(
         deadline = asyncio.get_running_loop().time() + 10
         while journal is not None and journal.live and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+        store = services.responses.store if services and services.responses else None
+        if store is not None:  # rows queued in a commit window
+            await store.close()
         await ledger.stop()
         if alerts is not None:
             await alerts.stop()

@@ -101,8 +101,8 @@ class GenerationResponse:
         # the whole response finds it stored) ...
         self.before_last: Callable[[], Awaitable[None]] | None = None
         # ... or just after them, where what it does is seen by every request
-        # the server handles next (a put that commits in the same step of the
-        # event loop: ResponseStore.commits_in_step).
+        # the server handles next (a put queued in the same step of the event
+        # loop, which every read of its id waits for: ResponseStore.commits_in_step).
         self.after_last: Callable[[], Awaitable[None]] | None = None
         # Where a stream's events go first when it is produced into a request log
         # (requestlog.Producer.take_event: no send coroutine per token); True

@@ -251,8 +251,9 @@ class ResponsesService:
         history: list[dict[str, Any]],
         codec: ResponsesCodec,
     ) -> None:
-        """A finished response's row: committed before the server handles anything
-        else after its last bytes (ResponseStore.commits_in_step), else before them."""
+        """A finished response's row: queued, where every read of its id waits for
+        it, right after its last bytes (ResponseStore.commits_in_step), else
+        committed before them."""
         assert self.store is not None
         if codec.final is None:
             return
