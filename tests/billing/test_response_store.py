@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tokenwell.billing import responses
 from tokenwell.billing.db import Database
 from tokenwell.billing.responses import GROUP_ROWS, ResponseStore
 
@@ -127,11 +128,13 @@ def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path
 
 
 def test_on_sqlite_rows_put_together_commit_together_and_close_commits_the_rest(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Puts within one commit window are one transaction; each row is readable
-    (its read waits for the commit) as soon as its put returned; a put that
+    as soon as its put returned (a read commits its group then, not at the
+    window's end: here a window longer than the test's timeouts); a put that
     returned before the store closed is on disk after it, window or not."""
+    monkeypatch.setattr(responses, "GROUP_SECONDS", 60.0)
     path = tmp_path / "ledger.db"
 
     async def go() -> None:
@@ -146,7 +149,8 @@ def test_on_sqlite_rows_put_together_commit_together_and_close_commits_the_rest(
             assert store.commits == 0  # queued, in one window
             got = await asyncio.wait_for(store.get("k", "r7"), timeout=5)
             assert got is not None and got.status == "completed"
-            assert store.commits == 1
+            assert store.commits == 1  # the whole group...
+            assert await store.get("k", "r9") is not None  # ...when one was asked for
             for i in range(10, 10 + GROUP_ROWS):  # a full group commits at once
                 await store.put(
                     "k", _response(f"r{i}"), request_id=None, input_items=[], history=[]

@@ -135,9 +135,13 @@ class ResponseStore:
         return self.db.sync_engine is not None
 
     async def _committed(self, response_id: str) -> None:
-        """Until a queued put of this id has committed (or failed)."""
+        """Until a queued put of this id has committed (or failed): a row someone
+        asks for is committed now, with its group, not at the window's end."""
         done = self._committing.get(response_id)
         if done is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._flush_on_loop()
             with contextlib.suppress(Exception):
                 await asyncio.shield(done)
 
