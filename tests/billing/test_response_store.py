@@ -127,13 +127,13 @@ def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path
     asyncio.run(go())
 
 
-def test_on_sqlite_rows_put_together_commit_together_and_close_commits_the_rest(
+def test_on_sqlite_rows_put_together_commit_together_and_flush_commits_the_rest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Puts within one commit window are one transaction; each row is readable
     as soon as its put returned (a read commits its group then, not at the
     window's end: here a window longer than the test's timeouts); a put that
-    returned before the store closed is on disk after it, window or not."""
+    returned before the store was flushed is on disk after it, window or not."""
     monkeypatch.setattr(responses, "GROUP_SECONDS", 60.0)
     path = tmp_path / "ledger.db"
 
@@ -157,7 +157,7 @@ def test_on_sqlite_rows_put_together_commit_together_and_close_commits_the_rest(
                 )
             assert store.commits == 2
             await store.put("k", _response("last"), request_id=None, input_items=[], history=[])
-            await store.close()
+            await store.flush()
         finally:
             await db.close()
         rows = sqlite3.connect(path).execute("SELECT count(*) FROM stored_responses").fetchone()

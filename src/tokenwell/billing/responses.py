@@ -110,9 +110,9 @@ class ResponseStore:
     B-tree page it touched to the WAL, and consecutive rows share their pages
     (bench/RESULTS.md, issue 13). What a commit window risks is the last
     ``GROUP_SECONDS`` of stored responses on a kill -9 of the server (never a
-    ledger row: billing commits on its own), and ``close`` commits what is
-    queued. On PostgreSQL, shared by replicas, a put returns once its row is
-    committed, and a response goes out only after.
+    ledger row: billing commits on its own); ``flush`` commits what is
+    queued, before the database closes. On PostgreSQL, shared by replicas, a
+    put returns once its row is committed, and a response goes out only after.
 
     Read your writes: a row still queued is waited for by every read, update
     and delete of its id, so nothing this server handles after a put began
@@ -232,14 +232,9 @@ class ResponseStore:
     ) -> None:
         if len(batch) == 1:
             _settle(batch, exc)
-        else:
+        else:  # the flusher tries the group again, then a row at a time
             self._pending = batch + self._pending
-            self._flusher = asyncio.create_task(self._each_then_flush(), name="stored-responses")
-
-    async def _each_then_flush(self) -> None:
-        batch, self._pending = self._pending, []
-        await self._each(batch)
-        await self._flush()
+            self._start_flusher()
 
     async def _each(self, batch: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
         """A batch that failed, again a row at a time: one bad row (or one that
@@ -260,10 +255,6 @@ class ResponseStore:
             self._flush_on_loop()
         while waiting := [done for done in self._committing.values() if not done.done()]:
             await asyncio.wait(waiting)
-
-    async def close(self) -> None:
-        """Commit what is queued; before the database closes."""
-        await self.flush()
 
     async def update(self, response: dict[str, Any]) -> None:
         """The response's newest state (its status, output and usage)."""

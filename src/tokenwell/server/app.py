@@ -308,7 +308,7 @@ async def _running(
             await asyncio.sleep(0.05)
         store = services.responses.store if services and services.responses else None
         if store is not None:  # rows queued in a commit window
-            await store.close()
+            await store.flush()
         await ledger.stop()
         if alerts is not None:
             await alerts.stop()

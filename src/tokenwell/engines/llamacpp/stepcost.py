@@ -59,11 +59,11 @@ class StepCost:
             return
         y = rows[:, 2]
         keep = np.ones(len(rows), dtype=bool)
-        free = _solve(_design(rows, True, True), y)
+        x = _design(rows, True, True)
+        free = _solve(x, y)
         if free is not None:
             # Steps slowed by something else (another process took a core) are
             # outliers of a shared machine: fit again without them.
-            x = _design(rows, True, True)
             residual = np.abs(y - x @ free)
             kept = residual <= 3 * max(float(np.median(residual)), 1e-4)
             if kept.sum() >= MIN_STEPS // 2 and np.count_nonzero(rows[kept, 1]) >= MIN_PROMPT_STEPS:
