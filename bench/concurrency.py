@@ -10,8 +10,10 @@ By default the load is closed-loop: each of N clients sends its next request
 as soon as its last one ended, for --seconds, so that requests arrive while
 the others generate (as real users' do). All servers are up at once and the
 windows alternate between them (A B, B A, ...) at each level, so the shared
-machine's noise falls on all alike; the load average is printed with the
-results. ``--mode waves`` is the older measure: each round starts all streams
+machine's noise falls on all alike, and each window starts after one short
+request that is not measured (the first request after another server's
+window finds its threads asleep and its caches cold); the load average is
+printed with the results. ``--mode waves`` is the older measure: each round starts all streams
 at once, servers one after another.
 
 Peers (set up by ``bench/peers.py``, never committed):
@@ -308,6 +310,10 @@ def interleaved(args: argparse.Namespace, names: list[str], levels: list[int]) -
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     proc, headers, model = servers[name]
+                    # Not measured: the first request after another server's
+                    # window finds this one's threads asleep and its caches
+                    # cold (seen in both servers: 270-356 ms vs ~130 ms).
+                    asyncio.run(level(proc.base, headers, model, 1, 8, 1))
                     before = _stats(proc.base)
                     asyncio.run(
                         closed_loop(
