@@ -10,11 +10,12 @@ By default the load is closed-loop: each of N clients sends its next request
 as soon as its last one ended, for --seconds, so that requests arrive while
 the others generate (as real users' do). All servers are up at once and the
 windows alternate between them (A B, B A, ...) at each level, so the shared
-machine's noise falls on all alike, and each window starts after one short
-request that is not measured (the first request after another server's
-window finds its threads asleep and its caches cold); the load average is
-printed with the results. ``--mode waves`` is the older measure: each round starts all streams
-at once, servers one after another.
+machine's noise falls on all alike, and each window starts after
+``WARMUP_SECONDS`` of the same number of streams (short requests) that are
+not measured: for about a second after another server's window, llama.cpp's
+decode runs slow, in every server. The load average is printed with the
+results. ``--mode waves`` is the older measure: each round starts all
+streams at once, servers one after another.
 
 Peers (set up by ``bench/peers.py``, never committed):
 - llama.cpp's ``llama-server --parallel 16``, built from the llama-cpp-python
@@ -67,6 +68,7 @@ from bench.common import (
 
 PARALLEL = 16
 CONTEXT = 1024  # per slot
+WARMUP_SECONDS = 2.0  # of each window, not measured (see interleaved)
 
 
 def start(name: str, threads: int) -> tuple[Process, dict[str, str], str]:
@@ -310,10 +312,16 @@ def interleaved(args: argparse.Namespace, names: list[str], levels: list[int]) -
                 order = names if r % 2 == 0 else names[::-1]
                 for name in order:
                     proc, headers, model = servers[name]
-                    # Not measured: the first request after another server's
-                    # window finds this one's threads asleep and its caches
-                    # cold (seen in both servers: 270-356 ms vs ~130 ms).
-                    asyncio.run(level(proc.base, headers, model, 1, 8, 1))
+                    # Not measured: for about a second after another server's
+                    # window, llama_decode itself runs slow here (a 26-token
+                    # prefill 272 vs 118 ms, one-token steps up to 103 vs
+                    # 10-14 ms), in both servers: as many streams of short
+                    # requests, unmeasured.
+                    asyncio.run(
+                        closed_loop(
+                            proc.base, headers, model, streams, 16, WARMUP_SECONDS, 500_000, Tally()
+                        )
+                    )
                     before = _stats(proc.base)
                     asyncio.run(
                         closed_loop(
