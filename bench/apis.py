@@ -18,12 +18,10 @@ import asyncio
 import json
 import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bench.common import MASTER, tokenwell
+from bench.common import MASTER, in_process, tokenwell
 from bench.load import interleaved, run_load
 
 TOKENS = 64
@@ -147,15 +145,8 @@ async def asgi_post(app: Any, path: str, body: bytes, headers: dict[str, str]) -
 async def cpu_per_request(apis: dict[str, Api], requests: int) -> dict[str, float]:
     """CPU microseconds per streamed request for each API, the ASGI app in-process
     (metering on SQLite), 64 at once, alternating, best of 3."""
-    from tokenwell.config import load_settings
-    from tokenwell.server.app import create_app
-
-    work = Path(tempfile.mkdtemp(prefix="tw-apis-"))
-    (work / "config.toml").write_text(SCRIPTED)
-    env = {"TOKENWELL_MASTER_KEY": MASTER, "TOKENWELL_DATA_DIR": str(work / "data")}
-    app = create_app(load_settings(work / "config.toml", env=env))
     best: dict[str, float] = {}
-    async with app.router.lifespan_context(app):
+    async with in_process(SCRIPTED, {"TOKENWELL_MASTER_KEY": MASTER}) as app:
         for _ in range(3):
             for name, api in apis.items():
                 raw = json.dumps(api.body).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,26 @@ def median(values: Sequence[float]) -> float:
 
 def run_async(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+@contextlib.asynccontextmanager
+async def in_process(config: str, env: dict[str, str]) -> AsyncIterator[Any]:
+    """The ASGI app of ``config`` started in this process as ``tokenwell serve``
+    runs it: the interpreter tuned first (GIL switch interval, the collector's
+    threshold) and what start-up built frozen out of garbage collection once
+    it is up. Without that an in-process measure counts default-threshold
+    collections of the whole start-up heap that the server never makes."""
+    from tokenwell import interpreter
+    from tokenwell.config import load_settings
+    from tokenwell.server.app import create_app
+
+    work = Path(tempfile.mkdtemp(prefix="tw-bench-"))
+    (work / "config.toml").write_text(config)
+    settings = load_settings(
+        work / "config.toml", env={"TOKENWELL_DATA_DIR": str(work / "data"), **env}
+    )
+    interpreter.tune(settings)
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        interpreter.started(settings)
+        yield app

@@ -25,7 +25,6 @@ import itertools
 import json
 import pstats
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,8 @@ import orjson
 import uvloop
 
 from bench.apis import asgi_post
+from bench.common import in_process
 from tokenwell.billing.keys import KeyFields
-from tokenwell.config import load_settings
-from tokenwell.server.app import create_app
 
 CONFIG = """
 [[models]]
@@ -71,10 +69,6 @@ async def _round(app: Any, key: str, body: bytes, requests: int, keyed: bool) ->
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="tw-idem-cost-"))
-    (work / "config.toml").write_text(CONFIG.format(tokens=args.tokens))
-    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master", "TOKENWELL_DATA_DIR": str(work / "data")}
-    app = create_app(load_settings(work / "config.toml", env=env))
     body = orjson.dumps(
         {
             "model": "scripted",
@@ -86,7 +80,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     profilers = {False: cProfile.Profile(), True: cProfile.Profile()} if args.profile else None
     none: list[float] = []
     keyed: list[float] = []
-    async with app.router.lifespan_context(app):
+    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master"}
+    async with in_process(CONFIG.format(tokens=args.tokens), env) as app:
         fields = KeyFields(name="cost", budget_usd=10**6, rpm=10**7, tpm=10**9)
         key, _ = await app.state.services.keys.create(fields, {"name", "budget_usd", "rpm", "tpm"})
         for warm in (False, True):  # warm-up: pools, caches, the JIT of nothing

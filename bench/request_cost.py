@@ -13,19 +13,16 @@ import argparse
 import asyncio
 import json
 import os
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 import uvloop
 
 from bench.apis import asgi_post
+from bench.common import in_process
 from bench.metering import SCRIPTED
 from tokenwell.billing.keys import KeyFields
-from tokenwell.config import load_settings
-from tokenwell.server.app import create_app
 
 BODY = orjson.dumps(
     {
@@ -42,15 +39,11 @@ async def _request(app: Any, key: str) -> None:
 
 
 async def measure(metering: bool, requests: int, database_url: str | None) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="tw-cost-"))
-    (work / "config.toml").write_text(
-        SCRIPTED.format(metering="" if metering else "metering = false")
-    )
-    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master", "TOKENWELL_DATA_DIR": str(work / "data")}
+    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master"}
     if database_url:
         env["TOKENWELL_DATABASE_URL"] = database_url
-    app = create_app(load_settings(work / "config.toml", env=env))
-    async with app.router.lifespan_context(app):
+    config = SCRIPTED.format(metering="" if metering else "metering = false")
+    async with in_process(config, env) as app:
         key = "sk-cost-master"
         if metering:
             fields = KeyFields(name="cost", budget_usd=10**6, rpm=10**7, tpm=10**9)

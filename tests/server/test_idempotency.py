@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import string
 import time
@@ -20,7 +21,7 @@ from starlette.datastructures import Headers
 from tests.support import MASTER, SCRIPTED_CONFIG, Server, ledger_row
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.sse import SSEDecoder
-from tokenwell.server.idempotent import fingerprint, parse_idempotency_key
+from tokenwell.server.idempotent import _canonical, _printable, fingerprint, parse_idempotency_key
 
 CONFIG = SCRIPTED_CONFIG + "\n[idempotency]\ngrace_seconds = 1.5\n"
 
@@ -102,6 +103,33 @@ def test_fingerprint_is_canonical() -> None:
     b = fingerprint(b'{"messages":[],"temperature":1,"model":"m"}')
     c = fingerprint(b'{"messages":[],"temperature":1.5,"model":"m"}')
     assert a == b != c
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**60), 2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(_json)
+def test_fingerprint_reads_floats_wherever_a_body_may_hold_one(value: Any) -> None:
+    """The float check is only a shortcut: the same fingerprint as canonicalizing always."""
+    body = orjson.dumps(value)
+    canonical = orjson.dumps(_canonical(orjson.loads(body)), option=orjson.OPT_SORT_KEYS)
+    expected = hashlib.sha256(b"chat.completions\n" + canonical).hexdigest()
+    assert fingerprint(body) == expected
+
+
+@given(st.text(max_size=40))
+def test_a_key_is_printable_ascii_exactly(value: str) -> None:
+    assert _printable(value) == all(" " <= ch <= "~" for ch in value)
 
 
 def test_last_event_id_needs_a_key_and_a_number(server: Server) -> None:

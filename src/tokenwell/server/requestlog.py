@@ -51,6 +51,19 @@ class Truncated(Exception):
     """The events asked for are no longer held (the log outgrew its bound)."""
 
 
+# The ``id:`` lines of a stream's first events, made once (one per token otherwise).
+_NUMBERED = 4096
+_IDS = [b"id: %d\n" % n for n in range(_NUMBERED)]
+
+
+def numbered(events: list[bytes], start: int) -> bytes:
+    """``events`` with an ``id:`` line each, numbered from ``start``."""
+    return b"".join(
+        (_IDS[n] if n < _NUMBERED else b"id: %d\n" % n) + event
+        for n, event in enumerate(events, start)
+    )
+
+
 def split_events(body: bytes) -> list[bytes]:
     """SSE bytes → one ``data: …\\n\\n`` block per event (comments dropped)."""
     if body.endswith(b"\n\n") and body.find(b"\n\n") == len(body) - 2 and body[:1] != b":":
@@ -295,7 +308,11 @@ class Producer:
         size = len(body)
         if not (
             self._streaming
-            and body.find(b"\n\n") == size - 2  # one event, ending the body
+            and size > 2
+            # One event, ending the body: a chat chunk's one line found with
+            # memchr; else (an ``event:`` line first) the first blank line.
+            and (body.find(b"\n") == size - 2 or body.find(b"\n\n") == size - 2)
+            and body[-1] == 10
             and body[0] != 58  # ":": a comment (keep-alive)
         ):
             return False
@@ -320,7 +337,7 @@ class Producer:
         sending = sink._send(  # type: ignore[misc]
             {
                 "type": "http.response.body",
-                "body": b"id: %d\n%s" % (number, body),
+                "body": (_IDS[number] if number < _NUMBERED else b"id: %d\n" % number) + body,
                 "more_body": True,
             }
         )
@@ -434,7 +451,7 @@ class LogReader:
             self.unsink(None)
             return
         self.next = start + len(events)
-        self.deliver(b"".join(b"id: %d\n%s" % (n, e) for n, e in enumerate(events, start)))
+        self.deliver(numbered(events, start))
 
     def deliver(self, body: bytes) -> None:
         """Send ``body`` without making the producer wait: a send that cannot finish
@@ -591,10 +608,7 @@ class LogReader:
                 )
                 return
             if events:
-                out = b"".join(
-                    b"id: %d\n%s" % (number, event)
-                    for number, event in enumerate(events, self.next)
-                )
+                out = numbered(events, self.next)
                 self.next += len(events)
                 await send({"type": "http.response.body", "body": out, "more_body": True})
                 quiet_since = time.monotonic()
