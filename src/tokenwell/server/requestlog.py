@@ -359,6 +359,8 @@ class Producer:
         if message["type"] == "http.response.start":
             rlog.start(message["status"], list(message.get("headers", [])))
             self._streaming = rlog.sse
+            if rlog.sink is not None:
+                rlog.sink.begin(rlog)
             return
         body = body or b""
         if rlog.sse:
@@ -439,10 +441,36 @@ class LogReader:
         self.keepalive = keepalive
         self.reopen = reopen
         self.gone = False
+        self._begun = False  # the head was sent by the producer (``begin``)
         self._send: Send | None = None
         self._sunk: asyncio.Future[Any] | None = None
 
     # ------------------------------------------------ written to by the producer
+
+    def begin(self, view: RequestLog) -> None:
+        """The log's head, for this reader that was its sink before it had one: a
+        stream's head written to its connection now, from the producer's task;
+        anything else (one JSON body, an error) left to this reader's task."""
+        if not view.sse:
+            self.unsink(None)
+            return
+        headers = view.headers
+        if self.replayed:
+            headers = [*headers, (b"idempotent-replayed", b"true")]
+        self._begun = True
+        self.next = view.end
+        assert self._send is not None
+        sending = self._send(
+            {"type": "http.response.start", "status": view.status, "headers": headers}
+        )
+        try:
+            pending = sending.send(None)  # type: ignore[attr-defined]
+        except StopIteration:
+            return
+        except Exception as exc:
+            self.unsink(exc)
+            return
+        self.unsink((sending, pending))
 
     def push(self, events: list[bytes], start: int) -> None:
         """New events, numbered from ``start``, for this caught-up reader (the log's
@@ -532,6 +560,23 @@ class LogReader:
         return True
 
     async def _serve(self, send: Send) -> None:
+        view = self.view
+        if (
+            isinstance(view, RequestLog)
+            and view.status is None
+            and view.sink is None
+            and self.next == 0
+        ):
+            # Here before the log's head (the request's own connection, whose
+            # producer starts on the loop's next turn): its sink from the head
+            # on, so the producer writes the whole stream to this connection as
+            # it makes it, with no wake-up of this task for the head, the first
+            # event, or any after it.
+            self._send = send
+            await self._sink(view)
+            if self._begun:
+                await self._follow(send)
+                return
         while True:
             try:
                 status, headers, is_sse = await self.view.head()
@@ -574,6 +619,10 @@ class LogReader:
             return
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self._send = send
+        await self._follow(send)
+
+    async def _follow(self, send: Send) -> None:
+        """The stream's events from ``self.next`` on, as the log gets them, to its end."""
         # A keep-alive only after ``keepalive`` seconds with nothing sent (a log
         # also changes without new events: its head, its readers).
         quiet_since = time.monotonic()
