@@ -14,18 +14,35 @@ machine. The result is the median of the per-round differences.
 functions whose own time per request grows most with a key: where the
 difference goes. (Profiled rounds cost more: read their differences, not the
 totals.)
+
+``--instructions`` counts instead of timing: each kind runs in a process of its
+own under valgrind (callgrind; ``./dev bench`` installs it with apt), once with
+``--requests`` requests after the warm-up and once without, and the
+difference over ``--requests`` is the instructions per request, every thread
+of the process counted (the ledger's commits, SQLite, zlib). The same code
+gives the same count to ~0.1% on any load, so a change of 1% shows, where
+the timed rounds swing by ±30% on a shared 2-core machine. Instructions are
+not time (zlib runs several per cycle, the interpreter's dispatch far fewer),
+so it guides work; requests/s over HTTP (``bench/idempotency.py``) judges it.
+
+    ./dev bench idempotency_cost --instructions [--requests 384]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import itertools
 import json
 import pstats
+import re
 import statistics
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +61,24 @@ reply_tokens = {tokens}
 price = {{ prompt = 1.0, completion = 2.0 }}
 """
 CONCURRENCY = 64
+BODY = orjson.dumps(
+    {
+        "model": "scripted",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hello"}],
+    }
+)
+
+
+@contextlib.asynccontextmanager
+async def _app(tokens: int) -> AsyncIterator[tuple[Any, str]]:
+    """The app started in process, and an API key with room for any run."""
+    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master"}
+    async with in_process(CONFIG.format(tokens=tokens), env) as app:
+        fields = KeyFields(name="cost", budget_usd=10**6, rpm=10**7, tpm=10**9)
+        key, _ = await app.state.services.keys.create(fields, {"name", "budget_usd", "rpm", "tpm"})
+        yield app, key
 
 
 async def _round(app: Any, key: str, body: bytes, requests: int, keyed: bool) -> float:
@@ -69,29 +104,19 @@ async def _round(app: Any, key: str, body: bytes, requests: int, keyed: bool) ->
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    body = orjson.dumps(
-        {
-            "model": "scripted",
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "hello"}],
-        }
-    )
+
     profilers = {False: cProfile.Profile(), True: cProfile.Profile()} if args.profile else None
     none: list[float] = []
     keyed: list[float] = []
-    env = {"TOKENWELL_MASTER_KEY": "sk-cost-master"}
-    async with in_process(CONFIG.format(tokens=args.tokens), env) as app:
-        fields = KeyFields(name="cost", budget_usd=10**6, rpm=10**7, tpm=10**9)
-        key, _ = await app.state.services.keys.create(fields, {"name", "budget_usd", "rpm", "tpm"})
+    async with _app(args.tokens) as (app, key):
         for warm in (False, True):  # warm-up: pools, caches, the JIT of nothing
-            await _round(app, key, body, CONCURRENCY * 2, warm)
+            await _round(app, key, BODY, CONCURRENCY * 2, warm)
         for n in range(args.rounds):
             order = (False, True) if n % 2 == 0 else (True, False)
             for with_key in order:
                 if profilers is not None:
                     profilers[with_key].enable()
-                cost = await _round(app, key, body, args.requests, with_key)
+                cost = await _round(app, key, BODY, args.requests, with_key)
                 if profilers is not None:
                     profilers[with_key].disable()
                 (keyed if with_key else none).append(cost)
@@ -109,6 +134,60 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "keyed_adds_us": round(added * 1e6),
         "keyed_adds_pct": round(100 * added / median_none, 1),
         "differences_us": [round(d * 1e6) for d in differences],
+    }
+
+
+async def _child(kind: str, requests: int, tokens: int) -> None:
+    """(Under valgrind) Start, warm up, then ``requests`` requests of ``kind``."""
+
+    async with _app(tokens) as (app, key):
+        await _round(app, key, BODY, CONCURRENCY * 2, kind == "keyed")
+        if requests:
+            await _round(app, key, BODY, requests, kind == "keyed")
+        await asyncio.sleep(0.3)  # the last results stored and logs freed
+
+
+def _instructions(kind: str, requests: int, tokens: int) -> subprocess.Popen[str]:
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        "-m",
+        "bench.idempotency_cost",
+        "--child",
+        kind,
+        "--requests",
+        str(requests),
+        "--tokens",
+        str(tokens),
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _collected(process: subprocess.Popen[str]) -> int:
+    _, err = process.communicate()
+    found = re.search(r"Collected : (\d+)", err)
+    if process.returncode != 0 or found is None:
+        raise SystemExit(f"the run under valgrind failed:\n{err[-2000:]}")
+    return int(found.group(1))
+
+
+def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
+    """Instructions per request of each kind: two processes at a time (2 cores)."""
+    per_request: dict[str, float] = {}
+    for kind in ("none", "keyed"):
+        with_requests = _instructions(kind, args.requests, args.tokens)
+        without = _instructions(kind, 0, args.tokens)
+        added = _collected(with_requests) - _collected(without)
+        per_request[kind] = added / args.requests
+    none, keyed = per_request["none"], per_request["keyed"]
+    return {
+        "tokens": args.tokens,
+        "requests": args.requests,
+        "none_instructions": round(none),
+        "keyed_instructions": round(keyed),
+        "keyed_adds_pct": round(100 * (keyed - none) / none, 1),
     }
 
 
@@ -135,7 +214,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=384, help="per round")
     parser.add_argument("--tokens", type=int, default=64, help="per response")
     parser.add_argument("--profile", type=int, default=0, metavar="N")
+    parser.add_argument("--instructions", action="store_true", help="count, under valgrind")
+    parser.add_argument("--child", choices=("none", "keyed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        uvloop.run(_child(args.child, args.requests, args.tokens))
+        return
+    if args.instructions:
+        print(json.dumps(count_instructions(args)), flush=True)
+        return
     print(json.dumps(uvloop.run(run(args))), flush=True)
 
 
