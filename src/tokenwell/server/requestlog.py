@@ -459,18 +459,7 @@ class LogReader:
             headers = [*headers, (b"idempotent-replayed", b"true")]
         self._begun = True
         self.next = view.end
-        assert self._send is not None
-        sending = self._send(
-            {"type": "http.response.start", "status": view.status, "headers": headers}
-        )
-        try:
-            pending = sending.send(None)  # type: ignore[attr-defined]
-        except StopIteration:
-            return
-        except Exception as exc:
-            self.unsink(exc)
-            return
-        self.unsink((sending, pending))
+        self._send_now({"type": "http.response.start", "status": view.status, "headers": headers})
 
     def push(self, events: list[bytes], start: int) -> None:
         """New events, numbered from ``start``, for this caught-up reader (the log's
@@ -482,12 +471,14 @@ class LogReader:
         self.deliver(numbered(events, start))
 
     def deliver(self, body: bytes) -> None:
-        """Send ``body`` without making the producer wait: a send that cannot finish
-        now (the connection is slow: uvicorn waits for its buffer to drain before
+        self._send_now({"type": "http.response.body", "body": body, "more_body": True})
+
+    def _send_now(self, message: dict[str, Any]) -> None:
+        """Send without making the producer wait: a send that cannot finish now
+        (the connection is slow: uvicorn waits for its buffer to drain before
         writing) is handed to this reader's own task, which finishes it and goes
         back to reading the log; the producer generates on, as for any reader."""
         assert self._send is not None
-        message = {"type": "http.response.body", "body": body, "more_body": True}
         sending = self._send(message)
         try:
             pending = sending.send(None)  # type: ignore[attr-defined]
