@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,24 @@ def _response(rid: str, status: str = "completed") -> dict[str, Any]:
     return {"id": rid, "model": "m", "status": status, "output": [], "background": False}
 
 
+@contextlib.asynccontextmanager
+async def _store(url: str) -> AsyncIterator[ResponseStore]:
+    """A store on a migrated database, closed after."""
+    db = Database(url)
+    await db.migrate()
+    try:
+        yield ResponseStore(db)
+    finally:
+        await db.close()
+
+
+async def _put(store: ResponseStore, rid: str) -> None:
+    await store.put("k", _response(rid), request_id=None, input_items=[], history=[])
+
+
 def test_put_get_advance_update_delete(db_url: str) -> None:
     async def go() -> None:
-        db = Database(db_url)
-        await db.migrate()
-        store = ResponseStore(db)
-        try:
+        async with _store(db_url) as store:
             items = [{"type": "message", "role": "user", "content": "hi"}]
             await asyncio.gather(
                 *(
@@ -49,8 +63,6 @@ def test_put_get_advance_update_delete(db_url: str) -> None:
             assert not await store.delete("k2", "r3")
             assert await store.delete("k1", "r3")
             assert await store.get("k1", "r3") is None
-        finally:
-            await db.close()
 
     asyncio.run(go())
 
@@ -62,16 +74,13 @@ def test_on_sqlite_a_locked_database_is_waited_for_off_the_event_loop(tmp_path: 
     path = tmp_path / "ledger.db"
 
     async def go() -> None:
-        db = Database(f"sqlite:///{path}")
-        await db.migrate()
-        store = ResponseStore(db)
-        try:
-            await store.put("k", _response("before"), request_id=None, input_items=[], history=[])
+        async with _store(f"sqlite:///{path}") as store:
+            await _put(store, "before")
             await store.flush()
             other = sqlite3.connect(path, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")  # holds the write lock
             held = time.monotonic()
-            await store.put("k", _response("locked"), request_id=None, input_items=[], history=[])
+            await _put(store, "locked")
             putting = asyncio.create_task(store.flush())
             ticks = 0
             while time.monotonic() - held < 0.5:
@@ -83,8 +92,6 @@ def test_on_sqlite_a_locked_database_is_waited_for_off_the_event_loop(tmp_path: 
             other.close()
             await asyncio.wait_for(putting, timeout=10)
             assert await store.get("k", "locked") is not None
-        finally:
-            await db.close()
 
     asyncio.run(go())
 
@@ -97,16 +104,13 @@ def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path
     path = tmp_path / "ledger.db"
 
     async def go() -> None:
-        db = Database(f"sqlite:///{path}")
-        await db.migrate()
-        store = ResponseStore(db)
-        assert store.commits_in_step
-        try:
-            await store.put("k", _response("other"), request_id=None, input_items=[], history=[])
+        async with _store(f"sqlite:///{path}") as store:
+            assert store.commits_in_step
+            await _put(store, "other")
             await store.flush()
             other = sqlite3.connect(path, isolation_level=None)
             other.execute("BEGIN IMMEDIATE")  # holds the write lock
-            await store.put("k", _response("queued"), request_id=None, input_items=[], history=[])
+            await _put(store, "queued")
             putting = asyncio.create_task(store.flush())  # its row is queued
             await asyncio.sleep(0)
             reading = asyncio.create_task(store.get("k", "queued"))
@@ -121,8 +125,6 @@ def test_a_row_still_queued_is_waited_for_by_every_read_of_its_id(tmp_path: Path
             assert got is not None and got.status == "completed"
             assert await asyncio.wait_for(deleting, timeout=10)  # deleted, not resurrected
             assert await store.get("k", "queued") is None
-        finally:
-            await db.close()
 
     asyncio.run(go())
 
@@ -138,28 +140,19 @@ def test_on_sqlite_rows_put_together_commit_together_and_flush_commits_the_rest(
     path = tmp_path / "ledger.db"
 
     async def go() -> None:
-        db = Database(f"sqlite:///{path}")
-        await db.migrate()
-        store = ResponseStore(db)
-        try:
+        async with _store(f"sqlite:///{path}") as store:
             for i in range(10):
-                await store.put(
-                    "k", _response(f"r{i}"), request_id=None, input_items=[], history=[]
-                )
+                await _put(store, f"r{i}")
             assert store.commits == 0  # queued, in one window
             got = await asyncio.wait_for(store.get("k", "r7"), timeout=5)
             assert got is not None and got.status == "completed"
             assert store.commits == 1  # the whole group...
             assert await store.get("k", "r9") is not None  # ...when one was asked for
             for i in range(10, 10 + GROUP_ROWS):  # a full group commits at once
-                await store.put(
-                    "k", _response(f"r{i}"), request_id=None, input_items=[], history=[]
-                )
+                await _put(store, f"r{i}")
             assert store.commits == 2
-            await store.put("k", _response("last"), request_id=None, input_items=[], history=[])
+            await _put(store, "last")
             await store.flush()
-        finally:
-            await db.close()
         rows = sqlite3.connect(path).execute("SELECT count(*) FROM stored_responses").fetchone()
         assert rows == (11 + GROUP_ROWS,)
 
@@ -172,20 +165,15 @@ def test_a_failed_commit_is_retried_row_by_row_and_the_bad_row_logged(
     path = tmp_path / "ledger.db"
 
     async def go() -> None:
-        db = Database(f"sqlite:///{path}")
-        await db.migrate()
-        store = ResponseStore(db)
-        try:
-            await store.put("k", _response("dup"), request_id=None, input_items=[], history=[])
+        async with _store(f"sqlite:///{path}") as store:
+            await _put(store, "dup")
             await store.flush()
             # The same id again: the primary key refuses the batch, whose other
             # row is then committed on its own.
-            await store.put("k", _response("dup"), request_id=None, input_items=[], history=[])
-            await store.put("k", _response("other"), request_id=None, input_items=[], history=[])
+            await _put(store, "dup")
+            await _put(store, "other")
             assert await asyncio.wait_for(store.get("k", "other"), timeout=5) is not None
             assert await asyncio.wait_for(store.get("k", "dup"), timeout=5) is not None
-        finally:
-            await db.close()
 
     with caplog.at_level("ERROR", logger="tokenwell.billing.responses"):
         asyncio.run(go())
