@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import socket
 import string
 import time
 from collections.abc import Iterator
@@ -23,7 +24,22 @@ from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.sse import SSEDecoder
 from tokenwell.server.idempotent import _canonical, _printable, fingerprint, parse_idempotency_key
 
-CONFIG = SCRIPTED_CONFIG + "\n[idempotency]\ngrace_seconds = 1.5\n"
+STALL_TOKENS = 30_000  # ~7 MB of events: more than the socket buffers hold (4 MB)
+CONFIG = (
+    SCRIPTED_CONFIG
+    + f"""
+[[models]]
+name = "scripted-long"
+engine = "scripted"
+reply_tokens = {STALL_TOKENS}
+context = 1000000
+price = {{ prompt = 1.0, completion = 2.0 }}
+
+[idempotency]
+grace_seconds = 1.5
+max_log_bytes = 33554432
+"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +289,72 @@ def test_resume_after_a_drop_continues_where_it_left(server: Server) -> None:
     assert text == "".join(f" t{i}" for i in range(40))
     row = ledger_row(server, httpx_request_id(server, key))
     assert row["status"] == "completed" and row["completion_tokens"] == 40
+
+
+def _dechunk(raw: bytes) -> bytes:
+    """An HTTP/1.1 chunked body, whole."""
+    parts, at = [], 0
+    while True:
+        end = raw.index(b"\r\n", at)
+        size = int(raw[at:end].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(parts)
+        parts.append(raw[end + 2 : end + 2 + size])
+        at = end + 2 + size + 2
+
+
+def test_a_reader_that_stalls_gets_every_event_and_generation_goes_on(server: Server) -> None:
+    """A keyed stream whose client reads nothing for a while (a 4 KB receive
+    window): its sends wait for the socket, which the producer hands to the
+    reader's own task (``requestlog._finish_send``) and generates on; once the
+    client reads, it gets every event once, in order, to [DONE]."""
+    key = _key()
+    body = {
+        "model": "scripted-long",
+        "stream": True,
+        "messages": [{"role": "user", "content": "go"}],
+    }
+    data = orjson.dumps(body)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", server.port))
+    try:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+            b"Authorization: Bearer " + MASTER.encode() + b"\r\n"
+            b"Idempotency-Key: " + key.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+        )
+        # Generated and billed in full while the client has read nothing.
+        deadline = time.monotonic() + 20
+        while True:
+            with server.http() as http:
+                rows = http.get("/admin/requests", params={"limit": 1000}).json()["data"]
+            mine = [r for r in rows if r["idempotency_key"] == key]
+            if (mine and mine[0]["status"] == "completed") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert mine and mine[0]["status"] == "completed", mine
+        assert mine[0]["completion_tokens"] == STALL_TOKENS
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # now read it fast
+        parts: list[bytes] = []
+        tail = b""
+        while not tail.endswith(b"\r\n0\r\n\r\n"):  # the last chunk
+            part = sock.recv(1 << 20)
+            assert part, "the connection closed before the end"
+            parts.append(part)
+            tail = (tail + part)[-7:]
+        raw = b"".join(parts)
+    finally:
+        sock.close()
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    got = events(_dechunk(chunked))
+    assert [i for i, _ in got] == [str(n) for n in range(len(got))]
+    assert got[-1][1] == "[DONE]"
+    text = "".join(orjson.loads(d)["choices"][0]["delta"].get("content", "") for _, d in got[:-1])
+    assert text == "".join(f" w{i}" for i in range(STALL_TOKENS))
 
 
 def test_a_client_that_never_returns_is_cancelled_after_the_grace(server: Server) -> None:

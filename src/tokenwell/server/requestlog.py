@@ -679,6 +679,11 @@ async def _finish_send(sending: Any, pending: Any) -> None:
             if pending is None:
                 await asyncio.sleep(0)
             else:
+                # The future was yielded with its "awaited" flag set, for the task
+                # that runs the send to clear: that task is this one. Awaited again
+                # with the flag still set, asyncio raises "await wasn't used with
+                # future" (a slow keyed reader's connection was aborted so).
+                pending._asyncio_future_blocking = False
                 await pending
         except BaseException as exc:  # cancelled (the client left): the send ends too
             try:
