@@ -29,6 +29,8 @@ def test_a_streams_text_is_kept_in_a_fraction_of_its_size() -> None:
 
 def test_rows_written_before_read_back() -> None:
     body = EVENT * 3
+    deflate = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS, 2)
+    assert unpack(b"\0d" + deflate.compress(body) + deflate.flush()) == body  # raw deflate
     assert unpack(b"\0z" + zlib.compress(body, 1)) == body  # packed with zlib's defaults
     packer = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 4)
     assert unpack(b"\0z" + packer.compress(body) + packer.flush()) == body  # and memLevel 4
