@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -247,3 +248,31 @@ def gateway_config(models: dict[str, str], **options: object) -> str:
         f"price = {{ prompt = 1.0, completion = 2.0 }}\n{extra}\n"
         for name, urls in models.items()
     )
+
+
+def connect(server: Server, rcvbuf: int | None = None) -> socket.socket:
+    """A raw TCP connection to the server (``rcvbuf``: a small receive window,
+    for a client that reads slowly)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(15)
+    sock.connect(("127.0.0.1", server.port))
+    return sock
+
+
+def raw_request(
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    key: str = MASTER,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """An HTTP/1.1 request's bytes, as a client that owns its socket sends them."""
+    data = json.dumps(body).encode() if body is not None else b""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    return head.encode() + data

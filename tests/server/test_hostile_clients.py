@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import MASTER, SCRIPTED_CONFIG, Server
+from tests.support import SCRIPTED_CONFIG, Server, connect, raw_request
 
 LIMITS = """
 [http]
@@ -54,24 +54,6 @@ def _config(mode: str, send_timeout: float = 2.0) -> str:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with Server(tmp_path_factory.mktemp("hostile"), _config("pause")) as server:
         yield server
-
-
-def _connect(server: Server, rcvbuf: int | None = None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    if rcvbuf is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(15)
-    sock.connect(("127.0.0.1", server.port))
-    return sock
-
-
-def _request(method: str, path: str, body: dict | None = None, key: str = MASTER) -> bytes:  # type: ignore[type-arg]
-    data = json.dumps(body).encode() if body is not None else b""
-    head = (
-        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
-    )
-    return head.encode() + data
 
 
 def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
@@ -128,15 +110,15 @@ HELLO = {"model": "scripted", "messages": [{"role": "user", "content": "hello"}]
 
 def test_a_500_leaves_the_connection_usable(server: Server) -> None:
     offset = _log_size(server)
-    with _connect(server) as sock:
-        sock.sendall(_request("POST", "/v1/chat/completions", CRASH))
+    with connect(server) as sock:
+        sock.sendall(raw_request("POST", "/v1/chat/completions", CRASH))
         status, headers, body = _read_response(sock)
         assert status == 500
         assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
         assert json.loads(body)["error"]["type"] == "server_error"
         # Either the connection stays usable or the server says it will close it.
         assert headers.get("connection", "keep-alive").lower() != "close"
-        sock.sendall(_request("POST", "/v1/chat/completions", HELLO))
+        sock.sendall(raw_request("POST", "/v1/chat/completions", HELLO))
         status, _, body = _read_response(sock)
         assert status == 200, body
     log = _log_since(server, offset)
@@ -158,10 +140,10 @@ def test_a_client_that_leaves_after_sending_is_no_error(server: Server) -> None:
     offset = _log_size(server)
     body = {**HELLO, "model": "scripted-slow", "stream": True}
     for _ in range(20):
-        with _connect(server) as sock:
-            sock.sendall(_request("POST", "/v1/chat/completions", body))
-        with _connect(server) as sock:  # half a body, then gone
-            sock.sendall(_request("POST", "/v1/chat/completions", body)[:-10])
+        with connect(server) as sock:
+            sock.sendall(raw_request("POST", "/v1/chat/completions", body))
+        with connect(server) as sock:  # half a body, then gone
+            sock.sendall(raw_request("POST", "/v1/chat/completions", body)[:-10])
     time.sleep(1.0)
     with server.http() as http:
         assert http.get("/health").status_code == 200
@@ -174,13 +156,13 @@ def test_a_client_that_leaves_after_sending_is_no_error(server: Server) -> None:
 
 
 def test_a_connection_that_sends_nothing_is_closed(server: Server) -> None:
-    with _connect(server) as sock:
+    with connect(server) as sock:
         took, got = _closed_within(sock, 1.0 + SLACK)
     assert got == b"" and took >= 0.8
 
 
 def test_half_the_headers_get_a_408_and_a_close(server: Server) -> None:
-    with _connect(server) as sock:
+    with connect(server) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthor")
         _, got = _closed_within(sock, 1.0 + SLACK)
     assert got.startswith(b"HTTP/1.1 408 "), got
@@ -190,9 +172,9 @@ def test_half_the_headers_get_a_408_and_a_close(server: Server) -> None:
 
 
 def test_headers_trickled_byte_by_byte_are_cut_off(server: Server) -> None:
-    request = _request("GET", "/health")
+    request = raw_request("GET", "/health")
     started = time.monotonic()
-    with _connect(server) as sock:
+    with connect(server) as sock:
         try:
             for byte in request:
                 sock.sendall(bytes([byte]))
@@ -207,16 +189,16 @@ def test_headers_trickled_byte_by_byte_are_cut_off(server: Server) -> None:
 
 
 def test_a_body_that_never_ends_gets_a_408(server: Server) -> None:
-    with _connect(server) as sock:
-        head = _request("POST", "/v1/chat/completions", HELLO)
+    with connect(server) as sock:
+        head = raw_request("POST", "/v1/chat/completions", HELLO)
         sock.sendall(head[:-20])
         _, got = _closed_within(sock, 1.0 + SLACK)
     assert got.startswith(b"HTTP/1.1 408 "), got
 
 
 def test_an_idle_kept_alive_connection_is_closed(server: Server) -> None:
-    with _connect(server) as sock:
-        sock.sendall(_request("GET", "/health"))
+    with connect(server) as sock:
+        sock.sendall(raw_request("GET", "/health"))
         status, _, _ = _read_response(sock)
         assert status == 200
         _, got = _closed_within(sock, 1.0 + SLACK)
@@ -229,7 +211,7 @@ def test_requests_the_parser_refuses_get_a_4xx_in_the_error_shape(server: Server
         (431, b"GET /health?" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: test\r\n\r\n"),
         (400, b"NOT HTTP AT ALL\r\n\r\n"),
     ):
-        with _connect(server) as sock:
+        with connect(server) as sock:
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 sock.sendall(request)
             _, got = _closed_within(sock, 5)
@@ -259,14 +241,14 @@ def _last_row(server: Server, key_id: str, timeout: float) -> dict:  # type: ign
 
 def _stall(server: Server, key: str) -> socket.socket:
     """A stream request from a client that reads nothing, with a tiny receive buffer."""
-    sock = _connect(server, rcvbuf=4096)
+    sock = connect(server, rcvbuf=4096)
     body = {
         "model": "scripted-huge",
         "stream": True,
         "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": "go"}],
     }
-    sock.sendall(_request("POST", "/v1/chat/completions", body, key=key))
+    sock.sendall(raw_request("POST", "/v1/chat/completions", body, key=key))
     return sock
 
 

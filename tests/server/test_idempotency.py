@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
-from tests.support import MASTER, SCRIPTED_CONFIG, Server, ledger_row
+from tests.support import MASTER, SCRIPTED_CONFIG, Server, connect, ledger_row, raw_request
 from tokenwell.errors import InvalidRequest
 from tokenwell.protocol.sse import SSEDecoder
 from tokenwell.server.idempotent import _canonical, _printable, fingerprint, parse_idempotency_key
@@ -314,17 +314,11 @@ def test_a_reader_that_stalls_gets_every_event_and_generation_goes_on(server: Se
         "stream": True,
         "messages": [{"role": "user", "content": "go"}],
     }
-    data = orjson.dumps(body)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = connect(server, rcvbuf=4096)
     sock.settimeout(30)
-    sock.connect(("127.0.0.1", server.port))
     try:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
-            b"Authorization: Bearer " + MASTER.encode() + b"\r\n"
-            b"Idempotency-Key: " + key.encode() + b"\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+            raw_request("POST", "/v1/chat/completions", body, headers={"Idempotency-Key": key})
         )
         # Generated and billed in full while the client has read nothing.
         deadline = time.monotonic() + 20
