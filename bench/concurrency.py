@@ -217,6 +217,10 @@ class Tally:
     kept: int = 0
     # What its scheduler had learnt at the end of the level (/health).
     learnt: dict[str, Any] = field(default_factory=dict)
+    # Each window's own tokens/s, in the order run: a window and the other
+    # server's next to it ran under nearly the same machine, so their ratios'
+    # spread is what one run can say about a ratio.
+    windows: list[float] = field(default_factory=list)
 
     def summary(self, streams: int) -> dict[str, Any]:
         return {
@@ -229,6 +233,7 @@ class Tally:
             "itl_p50_ms": round(median(self.gaps) * 1000, 2),
             "itl_p90_ms": round(pct(self.gaps, 90) * 1000, 2),
             "itl_mean_ms": round(sum(self.gaps) / max(len(self.gaps), 1) * 1000, 2),
+            "window_tokens_per_s": [round(w, 1) for w in self.windows],
             **self.learnt,
         }
 
@@ -285,8 +290,10 @@ async def closed_loop(
 
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         start = time.perf_counter()
+        produced = tally.produced
         await asyncio.gather(*[client(http, i) for i in range(streams)])
         tally.elapsed += deadline - start
+        tally.windows.append((tally.produced - produced) / (deadline - start))
 
 
 def load_average() -> str:
@@ -371,8 +378,11 @@ def report(results: dict[str, list[dict[str, Any]]], names: list[str]) -> None:
     if "llama-server" not in results:
         return
     print()
-    print("| streams | server / llama-server | tokens/s | TTFT p50 | TTFT p99 |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| streams | server / llama-server | tokens/s | tokens/s, window by window: "
+        "median (min-max) | TTFT p50 | TTFT p99 |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in names:
         if name == "llama-server":
             continue
@@ -380,9 +390,23 @@ def report(results: dict[str, list[dict[str, Any]]], names: list[str]) -> None:
             print(
                 f"| {ours['streams']} | {name} | "
                 f"{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x | "
+                f"{window_ratios(ours, theirs)} | "
                 f"{ours['ttft_p50_ms'] / theirs['ttft_p50_ms']:.2f}x | "
                 f"{ours['ttft_p99_ms'] / theirs['ttft_p99_ms']:.2f}x |"
             )
+
+
+def window_ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """Round by round, one server's window against the other's next to it (A B, B A):
+    the ratios' median and range, which say how far one run's ratio can be trusted."""
+    ratios = sorted(
+        a / b
+        for a, b in zip(ours["window_tokens_per_s"], theirs["window_tokens_per_s"], strict=True)
+        if b > 0
+    )
+    if not ratios:
+        return ""
+    return f"{median(ratios):.2f}x ({ratios[0]:.2f}-{ratios[-1]:.2f})"
 
 
 def main() -> None:
