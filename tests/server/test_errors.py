@@ -57,6 +57,21 @@ def test_bad_requests(
     err = error_of(r)
     assert (err["param"], err["code"]) == (param, code)
     assert err["type"] == "invalid_request_error"
+    # Refused before admission, the error still has an id to quote.
+    assert r.headers["x-request-id"].startswith("req_")
+
+
+def test_every_error_has_its_own_request_id(scripted_server: Server) -> None:
+    with scripted_server.http() as http:
+        bad = [
+            http.post("/v1/chat/completions", content=b"{oops"),
+            http.post("/v1/chat/completions", content=b"{oops"),
+            http.get("/v1/no-such-route"),
+            http.delete("/v1/chat/completions"),
+        ]
+    assert [r.status_code for r in bad] == [400, 400, 404, 405]
+    ids = [r.headers["x-request-id"] for r in bad]
+    assert all(i.startswith("req_") for i in ids) and len(set(ids)) == len(ids)
 
 
 def test_prompt_longer_than_the_context(scripted_server: Server) -> None:

@@ -46,7 +46,8 @@ def _traffic(server: Server) -> dict[str, str]:
         )
         assert limited.status_code == 429
     with server.http(key=WRONG_KEY) as http:
-        assert http.get("/v1/models").status_code == 401
+        unknown = http.get("/v1/models")
+        assert unknown.status_code == 401
     with (
         server.http() as http,
         http.stream(
@@ -68,6 +69,7 @@ def _traffic(server: Server) -> dict[str, str]:
         "key_id": created["id"],
         "ok": ok.headers["x-request-id"],
         "limited": limited.headers["x-request-id"],
+        "unknown": unknown.headers["x-request-id"],
         "left": left,
     }
 
@@ -113,7 +115,9 @@ def test_text_lines_per_request_and_refusal(tmp_path: Path) -> None:
     limited = next(ln for ln in lines if "refused 429" in ln)
     assert f"[{ids['limited']}]" in limited and "Rate limit reached" in limited
     refused = next(ln for ln in lines if "refused 401" in ln)
-    assert "path=/v1/models" in refused
+    # Refused before admission, yet with an id of its own: the response's.
+    assert ids["unknown"].startswith("req_") and ids["unknown"] not in (ids["ok"], ids["limited"])
+    assert f"[{ids['unknown']}]" in refused and "path=/v1/models" in refused
     left = next(ln for ln in lines if f"[{ids['left']}]" in ln and "client_disconnected" in ln)
     assert "completion_tokens=" in left
     _no_secrets(log, ids["key"])

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenwell.billing.accounting import new_request_id
 from tokenwell.errors import APIError, ClientDisconnected, InvalidRequest, NotFound, ServerError
 from tokenwell.protocol import anthropic_codec
 from tokenwell.server import accesslog
@@ -63,6 +64,10 @@ def error_response(error: APIError, request: Request | None = None) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
+    # Refused before admission (no ledger row, so no id yet): an id of its own,
+    # in the response and in the log line, so that a client's report of an
+    # error finds the server's line about it.
+    exc.headers.setdefault("x-request-id", new_request_id())
     accesslog.refused(request, exc)
     return error_response(exc, request)
 
@@ -81,6 +86,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
         err = APIError(str(exc.detail))
         err.status = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    err.headers.setdefault("x-request-id", new_request_id())
     return error_response(err, request)
 
 
