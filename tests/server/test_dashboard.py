@@ -185,6 +185,8 @@ def _dashboard(driver: webdriver.Chrome, server: Server, tmp_path: Path) -> None
     row.find_element(By.CSS_SELECTOR, ".actions details summary").click()
     tpm = row.find_element(By.CSS_SELECTOR, ".edit-key input[name=tpm]")
     tpm.send_keys("5000")
+    # A field emptied on the form clears that limit: bob's budget goes.
+    row.find_element(By.CSS_SELECTOR, ".edit-key input[name=budget_usd]").clear()
     # The form posts and the page comes back at the same URL: wait for a new
     # document, not for the URL (already the keys page) nor for the old row to go
     # stale (chromedriver can answer "Node ... does not belong to the document"
@@ -194,7 +196,8 @@ def _dashboard(driver: webdriver.Chrome, server: Server, tmp_path: Path) -> None
     wait(driver).until(lambda d: not d.execute_script("return !!window.tokenwellOldPage"))
     wait(driver).until(ec.presence_of_element_located((By.ID, f"key-{bob_id}")))
     with server.http() as http:
-        assert http.get(f"/admin/keys/{bob_id}").json()["tpm"] == 5000
+        bob = http.get(f"/admin/keys/{bob_id}").json()
+    assert bob["tpm"] == 5000 and bob["rpm"] == 600 and bob["budget_usd"] is None
 
     # Revoke it on the page: refused at once.
     row = driver.find_element(By.ID, f"key-{bob_id}")

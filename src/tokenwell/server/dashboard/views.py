@@ -167,8 +167,14 @@ async def overview(request: Request) -> Response:
 # ------------------------------------------------------------------ keys
 
 
+# What a key's edit form shows and a blank field clears (no budget, no limit,
+# every model, never expires); a new key's blank field is not given.
+CLEARABLE = ("budget_usd", "rpm", "tpm", "models", "expires_at")
+
+
 def _key_fields(form: dict[str, str], creating: bool) -> dict[str, Any]:
-    """Form fields → the admin API's key fields (blank: not given)."""
+    """Form fields → the admin API's key fields. Blank: not given on a new key;
+    cleared on an edited one (its form shows every value the key has)."""
     data: dict[str, Any] = {}
     for name in ("name", "budget_usd", "expires_at"):
         if form.get(name, "").strip():
@@ -177,9 +183,13 @@ def _key_fields(form: dict[str, str], creating: bool) -> dict[str, Any]:
         value = form.get(name, "").strip()
         if value:
             data[name] = int(value) if value.isascii() and value.isdigit() else value
-    models = form.get("models", "").strip()
+    models = [m.strip() for m in form.get("models", "").split(",") if m.strip()]
     if models:
-        data["models"] = [m.strip() for m in models.split(",") if m.strip()]
+        data["models"] = models
+    if not creating:
+        for name in CLEARABLE:
+            if name in form:
+                data.setdefault(name, None)
     return data
 
 
