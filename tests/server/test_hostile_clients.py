@@ -116,6 +116,8 @@ def test_a_500_leaves_the_connection_usable(server: Server) -> None:
         assert status == 500
         assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
         assert json.loads(body)["error"]["type"] == "server_error"
+        request_id = headers["x-request-id"]
+        assert request_id.startswith("req_")
         # Either the connection stays usable or the server says it will close it.
         assert headers.get("connection", "keep-alive").lower() != "close"
         sock.sendall(raw_request("POST", "/v1/chat/completions", HELLO))
@@ -123,6 +125,8 @@ def test_a_500_leaves_the_connection_usable(server: Server) -> None:
         assert status == 200, body
     log = _log_since(server, offset)
     assert log.count("Traceback") == 1 and "unhandled error" in log  # logged once, by us
+    # The traceback's line names the id the client was given.
+    assert any("unhandled error" in line and request_id in line for line in log.splitlines())
     assert "Exception in ASGI application" not in log
 
 
@@ -166,9 +170,11 @@ def test_half_the_headers_get_a_408_and_a_close(server: Server) -> None:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nAuthor")
         _, got = _closed_within(sock, 1.0 + SLACK)
     assert got.startswith(b"HTTP/1.1 408 "), got
-    body = json.loads(got.partition(b"\r\n\r\n")[2])
+    head, _, raw = got.partition(b"\r\n\r\n")
+    body = json.loads(raw)
     assert body["error"]["code"] == "request_timeout"
     assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert b"\r\nx-request-id: req_" in head
 
 
 def test_headers_trickled_byte_by_byte_are_cut_off(server: Server) -> None:

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tokenwell import logs
 from tokenwell.billing.accounting import new_request_id
 from tokenwell.errors import APIError, ClientDisconnected, InvalidRequest, NotFound, ServerError
 from tokenwell.protocol import anthropic_codec
@@ -57,6 +58,10 @@ def api_of(scope: Scope) -> str:
 
 
 def error_response(error: APIError, request: Request | None = None) -> Response:
+    """``error`` in the request's API shape; every error response carries an
+    ``x-request-id`` (the request's own once admitted, else one of its own), so
+    that a client's report of an error finds the server's line about it."""
+    error.headers.setdefault("x-request-id", new_request_id())
     shape = ERROR_SHAPES[api_of(request.scope) if request is not None else "openai"]
     status, body = shape(error)
     return json_response(body, status=status, headers=error.headers)
@@ -64,9 +69,8 @@ def error_response(error: APIError, request: Request | None = None) -> Response:
 
 async def api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, APIError)
-    # Refused before admission (no ledger row, so no id yet): an id of its own,
-    # in the response and in the log line, so that a client's report of an
-    # error finds the server's line about it.
+    # Refused before admission (no ledger row, so no id yet): its id is given
+    # here rather than in error_response, because the log line needs it first.
     exc.headers.setdefault("x-request-id", new_request_id())
     accesslog.refused(request, exc)
     return error_response(exc, request)
@@ -86,7 +90,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
         err = APIError(str(exc.detail))
         err.status = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    err.headers.setdefault("x-request-id", new_request_id())
     return error_response(err, request)
 
 
@@ -100,10 +103,17 @@ async def client_gone(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(
-        ServerError("The server had an error while processing your request."), request
+    error = ServerError("The server had an error while processing your request.")
+    # An admitted request's own id (its ledger row's), else one of its own.
+    request_id = logs.request_id.get() or new_request_id()
+    error.headers["x-request-id"] = request_id
+    log.exception(
+        "unhandled error on %s %s",
+        request.method,
+        request.url.path,
+        extra={"request_id": request_id},
     )
+    return error_response(error, request)
 
 
 def raw_error_response(error: APIError) -> bytes:
@@ -114,6 +124,7 @@ def raw_error_response(error: APIError) -> bytes:
     return (
         f"HTTP/1.1 {error.status} {phrase}\r\n"
         "content-type: application/json\r\n"
+        f"x-request-id: {error.headers.get('x-request-id') or new_request_id()}\r\n"
         f"content-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
     ).encode() + body
