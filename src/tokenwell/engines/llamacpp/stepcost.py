@@ -25,8 +25,12 @@ log = logging.getLogger(__name__)
 
 WINDOW = 512
 # Refit after this many new steps, once at least MIN_STEPS are known (some of
-# them with prompts: without those the prompt coefficient is unknown).
-REFIT_EVERY = 16
+# them with prompts: without those the prompt coefficient is unknown); every
+# LEARN_EVERY steps until a fit is found. A fit runs on the decode thread
+# between two decodes, with cold caches (~1 ms): the cost of a step moves
+# slowly, and refitting it every 16 steps cost ~0.5% of the tokens/s.
+REFIT_EVERY = 64
+LEARN_EVERY = 16
 MIN_STEPS = 32
 MIN_PROMPT_STEPS = 4
 # While streams generate, a step computes at least this many prompt tokens,
@@ -49,7 +53,8 @@ class StepCost:
     def add(self, generating: int, prompt: int, seconds: float) -> None:
         self._steps.append((generating, prompt, seconds))
         self._new += 1
-        if self._new >= REFIT_EVERY and len(self._steps) >= MIN_STEPS:
+        every = LEARN_EVERY if self.fixed is None else REFIT_EVERY
+        if self._new >= every and len(self._steps) >= MIN_STEPS:
             self._new = 0
             self._fit()
 
