@@ -19,6 +19,9 @@ from tokenwell.protocol.requests import validate_chat_request
 pytestmark = pytest.mark.slow
 
 
+NO_END = {"0": -100, "2": -100}  # SmolLM2's end tokens, biased out
+
+
 def request(content: str | list[dict[str, Any]], **params: Any) -> Any:
     messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
     return validate_chat_request({"model": "m", "messages": messages, **params})
@@ -67,6 +70,38 @@ def test_a_seed_gives_the_same_text_alone_or_beside_15_others() -> None:
         assert results[-1][0] == alone
 
     with_engine(test, parallel=16)
+
+
+def test_prompts_arriving_together_beside_a_stream_are_read_within_two_steps() -> None:
+    """Where a prompt token costs what a decode does (the fit below, a 2-core
+    CPU's), a second prompt is left out of a step by the cost, and every
+    prompt behind it joins the next step (scheduler.prompt_chunks)."""
+
+    async def test(engine: LlamaCppEngine) -> None:
+        scheduler = engine.scheduler
+        assert scheduler is not None
+        cost = scheduler.cost
+        cost.fixed, cost.per_token, cost.per_prompt = 0.012, 0.0037, 0.003
+        runner = engine.submit(
+            engine.prepare(request("Count to a thousand.", max_tokens=200, logit_bias=NO_END))
+        )
+        while runner.meter.completion_tokens < 2:
+            await asyncio.sleep(0.01)
+        before = runner.meter.completion_tokens
+        prompts = [f"Name a colour, number {i}." for i in range(4)]
+        with scheduler._wake:  # all four reach the decode thread in one step
+            gens = [engine.submit(engine.prepare(request(p, max_tokens=1))) for p in prompts]
+        for gen in gens:
+            await collect(gen)
+            assert gen.meter.completion_tokens == 1
+        # Meanwhile the runner got a token from the step then running, the step
+        # that read the first prompt and the one that read the other three;
+        # one prompt a step would have made it five.
+        assert runner.meter.completion_tokens - before <= 3
+        runner.cancel()
+        await runner.closed()
+
+    with_engine(test, parallel=8, draft_max=0)
 
 
 def test_n_choices_share_the_prompt_and_match_their_seeds() -> None:
@@ -133,9 +168,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_streams_keep_flowing() -> No
         # The runner cannot end by itself (its end tokens biased out, as the
         # benchmarks do): only then does its count say how many steps it shared.
         runner = engine.submit(
-            engine.prepare(
-                request("Write a long story.", max_tokens=400, logit_bias={"0": -100, "2": -100})
-            )
+            engine.prepare(request("Write a long story.", max_tokens=400, logit_bias=NO_END))
         )
         while runner.meter.completion_tokens < 3:
             await asyncio.sleep(0.01)

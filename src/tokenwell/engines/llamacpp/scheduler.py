@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +107,8 @@ class Job:
     submitted_at: float = field(default_factory=time.perf_counter)
     placed_at: float = 0.0
     sampled_at: float = 0.0
+    # Left out of a step for the prompts before it (prompt_chunks): it joins the next.
+    deferred: bool = False
 
 
 @dataclass(eq=False)
@@ -707,7 +709,8 @@ class Scheduler:
         Running sequences get one token each; the rest of the budget goes to
         waiting prompts, first come first served, as long as one more prompt
         in this step shortens the prompts' times to first token on this
-        machine (``StepCost.worth_joining``). The batch is then laid out in
+        machine (``StepCost.worth_joining``), and none waits more than one
+        step for the others (``prompt_chunks``). The batch is then laid out in
         slot order: llama.cpp decodes a batch whose sequence ids are out of
         order ~1.8x slower (measured here at 16 streams), and choosing slots by
         shared prefix shuffles them.
@@ -719,18 +722,8 @@ class Scheduler:
             bound = self.cost.prompt_room(len(self._running), self.settings.step_ms / 1000)
             if bound is not None:
                 room = min(room, bound)
-        chunks: list[tuple[Job, int, int]] = []
-        completed: list[Job] = []
-        for job in self._prefilling:
-            if room <= 0:
-                break
-            end = min(len(job.prompt), job.prefill_pos + room)
-            if not self.cost.worth_joining(len(chunks), end - job.prefill_pos, len(self._running)):
-                break
-            chunks.append((job, job.prefill_pos, end))
-            room -= end - job.prefill_pos
-            if end == len(job.prompt):
-                completed.append(job)
+        chunks = prompt_chunks(self._prefilling, room, len(self._running), self.cost)
+        completed = [job for job, _, end in chunks if end == len(job.prompt)]
         drafted = 0
         if not chunks:
             budget = capacity - len(self._running)
@@ -1095,6 +1088,40 @@ class Scheduler:
 
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(apply)
+
+
+def prompt_chunks(
+    waiting: Iterable[Job], room: int, generating: int, cost: StepCost
+) -> list[tuple[Job, int, int]]:
+    """The prompts (job, from, to) that join this step: first come first served,
+    ``room`` tokens at most, each as long as it shortens the prompts' times to
+    first token (``StepCost.worth_joining``).
+
+    A prompt left out for the ones before it waits one step at most: at the next
+    it joins whatever the cost says, and so does every prompt that waited behind
+    it. Without that bound, prompts that arrive together (closed-loop clients
+    whose requests end together, an agent's parallel calls) were read one per
+    step where prompt tokens cost as much as a decode's (a 2-core CPU: ~3 ms
+    each), and the last of k waited k long steps: the tail of the time to first
+    token, while a single step of all of them is what llama-server takes."""
+    chunks: list[tuple[Job, int, int]] = []
+    left_out = False
+    for job in waiting:
+        if left_out:
+            job.deferred = True  # behind one left out: it waited this step too
+            continue
+        if room <= 0:
+            break
+        end = min(len(job.prompt), job.prefill_pos + room)
+        if not job.deferred and not cost.worth_joining(
+            len(chunks), end - job.prefill_pos, generating
+        ):
+            job.deferred = left_out = True
+            continue
+        job.deferred = False
+        chunks.append((job, job.prefill_pos, end))
+        room -= end - job.prefill_pos
+    return chunks
 
 
 def exit_process(exc: BaseException) -> None:
