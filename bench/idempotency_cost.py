@@ -26,6 +26,20 @@ not time (zlib runs several per cycle, the interpreter's dispatch far fewer),
 so it guides work; requests/s over HTTP (``bench/idempotency.py``) judges it.
 
     ./dev bench idempotency_cost --instructions [--requests 384]
+
+``--opcodes N`` counts the interpreter's bytecodes instead (``sys.settrace``
+with opcode events; one round of each kind, in this process): per request,
+keyed against not, and the N functions whose count a key changes most. Exact
+and quick (~30 s), it says which Python functions a key's cost is in, where
+``--profile``'s timings are skewed by the profiler. (Anything timed, the Redis
+mirror's rounds every 50 ms for one, runs ~25x slower under the tracer: more
+rounds a request than without it.)
+
+``--redis`` runs both kinds with Redis configured (``TOKENWELL_REDIS_URL``:
+the log mirrored there, and the rate limits kept there for both kinds), with
+any of the modes above.
+
+    ./dev bench idempotency_cost --opcodes 20 [--redis]
 """
 
 from __future__ import annotations
@@ -42,8 +56,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import orjson
@@ -61,6 +77,7 @@ reply_tokens = {tokens}
 price = {{ prompt = 1.0, completion = 2.0 }}
 """
 CONCURRENCY = 64
+REDIS_URL = "redis://127.0.0.1:6379/0"
 BODY = orjson.dumps(
     {
         "model": "scripted",
@@ -72,9 +89,11 @@ BODY = orjson.dumps(
 
 
 @contextlib.asynccontextmanager
-async def _app(tokens: int) -> AsyncIterator[tuple[Any, str]]:
+async def _app(tokens: int, redis: bool = False) -> AsyncIterator[tuple[Any, str]]:
     """The app started in process, and an API key with room for any run."""
     env = {"TOKENWELL_MASTER_KEY": "sk-cost-master"}
+    if redis:
+        env["TOKENWELL_REDIS_URL"] = REDIS_URL
     async with in_process(CONFIG.format(tokens=tokens), env) as app:
         fields = KeyFields(name="cost", budget_usd=10**6, rpm=10**7, tpm=10**9)
         key, _ = await app.state.services.keys.create(fields, {"name", "budget_usd", "rpm", "tpm"})
@@ -108,7 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     profilers = {False: cProfile.Profile(), True: cProfile.Profile()} if args.profile else None
     none: list[float] = []
     keyed: list[float] = []
-    async with _app(args.tokens) as (app, key):
+    async with _app(args.tokens, args.redis) as (app, key):
         for warm in (False, True):  # warm-up: pools, caches, the JIT of nothing
             await _round(app, key, BODY, CONCURRENCY * 2, warm)
         for n in range(args.rounds):
@@ -137,17 +156,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def _child(kind: str, requests: int, tokens: int) -> None:
+async def _child(kind: str, requests: int, tokens: int, redis: bool) -> None:
     """(Under valgrind) Start, warm up, then ``requests`` requests of ``kind``."""
 
-    async with _app(tokens) as (app, key):
+    async with _app(tokens, redis) as (app, key):
         await _round(app, key, BODY, CONCURRENCY * 2, kind == "keyed")
         if requests:
             await _round(app, key, BODY, requests, kind == "keyed")
         await asyncio.sleep(0.3)  # the last results stored and logs freed
 
 
-def _instructions(kind: str, requests: int, tokens: int) -> subprocess.Popen[str]:
+def _instructions(kind: str, requests: int, tokens: int, redis: bool) -> subprocess.Popen[str]:
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -161,6 +180,7 @@ def _instructions(kind: str, requests: int, tokens: int) -> subprocess.Popen[str
         str(requests),
         "--tokens",
         str(tokens),
+        *(["--redis"] if redis else []),
     ]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -177,17 +197,63 @@ def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
     """Instructions per request of each kind: two processes at a time (2 cores)."""
     per_request: dict[str, float] = {}
     for kind in ("none", "keyed"):
-        with_requests = _instructions(kind, args.requests, args.tokens)
-        without = _instructions(kind, 0, args.tokens)
+        with_requests = _instructions(kind, args.requests, args.tokens, args.redis)
+        without = _instructions(kind, 0, args.tokens, args.redis)
         added = _collected(with_requests) - _collected(without)
         per_request[kind] = added / args.requests
     none, keyed = per_request["none"], per_request["keyed"]
     return {
         "tokens": args.tokens,
         "requests": args.requests,
+        "redis": args.redis,
         "none_instructions": round(none),
         "keyed_instructions": round(keyed),
         "keyed_adds_pct": round(100 * (keyed - none) / none, 1),
+    }
+
+
+async def count_opcodes(args: argparse.Namespace) -> dict[str, Any]:
+    """Bytecodes per request of each kind, and where a key changes them most."""
+    counts: dict[bool, Counter[tuple[str, int, str]]] = {False: Counter(), True: Counter()}
+    counting: Counter[tuple[str, int, str]] | None = None
+
+    def opcode(frame: FrameType, event: str, _arg: Any) -> Any:
+        if event == "opcode" and counting is not None:
+            code = frame.f_code
+            counting[(Path(code.co_filename).name, code.co_firstlineno, code.co_name)] += 1
+        return opcode
+
+    def call(frame: FrameType, _event: str, _arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        return opcode
+
+    async with _app(args.tokens, args.redis) as (app, key):
+        for warm in (False, True):
+            await _round(app, key, BODY, CONCURRENCY * 2, warm)
+        for keyed in (False, True):
+            counting = counts[keyed]
+            sys.settrace(call)
+            try:
+                await _round(app, key, BODY, args.requests, keyed)
+            finally:
+                sys.settrace(None)
+                counting = None
+    per = {k: sum(c.values()) / args.requests for k, c in counts.items()}
+    changed = {
+        f"{file}:{line}({name})": (counts[True][where] - counts[False][where]) / args.requests
+        for where in set(counts[True]) | set(counts[False])
+        for file, line, name in [where]
+    }
+    top = sorted(changed.items(), key=lambda item: -abs(item[1]))[: args.opcodes]
+    return {
+        "tokens": args.tokens,
+        "requests": args.requests,
+        "redis": args.redis,
+        "none_opcodes": round(per[False]),
+        "keyed_opcodes": round(per[True]),
+        "keyed_adds_pct": round(100 * (per[True] - per[False]) / per[False], 1),
+        "most_changed": {name: round(n) for name, n in top},
     }
 
 
@@ -215,10 +281,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="per response")
     parser.add_argument("--profile", type=int, default=0, metavar="N")
     parser.add_argument("--instructions", action="store_true", help="count, under valgrind")
+    parser.add_argument("--opcodes", type=int, default=0, metavar="N", help="count bytecodes")
+    parser.add_argument("--redis", action="store_true", help="with Redis configured")
     parser.add_argument("--child", choices=("none", "keyed"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        uvloop.run(_child(args.child, args.requests, args.tokens))
+        uvloop.run(_child(args.child, args.requests, args.tokens, args.redis))
+        return
+    if args.opcodes:
+        print(json.dumps(uvloop.run(count_opcodes(args)), indent=2), flush=True)
         return
     if args.instructions:
         print(json.dumps(count_instructions(args)), flush=True)

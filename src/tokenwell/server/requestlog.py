@@ -28,6 +28,7 @@ import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Protocol
 
+import msgpack
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -794,26 +795,26 @@ class RedisLogs:
 
     async def _flush(self) -> None:
         forgotten, self._forgotten = self._forgotten, []
-        keys: list[str] = []
-        args: list[Any] = [self.ttl, self.ALIVE_MS]
+        args: list[Any] = [self.prefix, self.ttl, self.ALIVE_MS]
         now = time.monotonic()
         ended: list[_Mirror] = []
         for mirror in list(self._live.values()):
             # What changed, and heartbeats due.
             if (mirror.dirty or now - mirror.beat >= self.HEARTBEAT) and mirror.write(
-                self, keys, args, now
+                self, args, now
             ):
                 ended.append(mirror)
         for request_id, _ in forgotten:
-            keys.append(self._k(request_id, "m"))
-            args.extend((_DELETE, 0))
+            args.extend((request_id, _DELETE, 0))
         try:
-            if keys:
+            if len(args) > 3:
                 # One command for the whole round (a pipeline of one command per
-                # log and change cost redis-py ~10 µs of packing per command).
+                # log and change cost redis-py ~10 µs of packing per command),
+                # with one argument: redis-py encodes and packs each argument
+                # in Python, and a round at 64 streams had ~5 per log.
                 if self._script is None:
                     self._script = self.client.register_script(_FLUSH)
-                await self._script(keys=keys, args=args)
+                await self._script(args=[msgpack.packb(args, use_bin_type=False)])
         finally:
             for mirror in ended:
                 self._live.pop(mirror.rlog.request_id, None)
@@ -850,36 +851,39 @@ class RedisLogs:
         await self.client.aclose()
 
 
-# One round of the mirror, every log's changes, as one script: KEYS, one per
-# entry (its m; e, a and r are named after it); ARGV: the TTL, the heartbeat's
-# ms, then per entry its flags, its number of events, and (in this order, as
-# the flags say) status, headers and sse, first, the events, the body. The
-# events are one argument, joined: each is one SSE event, ending at its only
-# blank line (``take_event``, ``split_events``), so the script cuts them there.
+# One round of the mirror, every log's changes, as one script with one
+# argument: a msgpack array (bytes as msgpack's raw strings, which Redis's
+# cmsgpack reads) of the key prefix, the TTL, the heartbeat's ms, then per
+# entry its request id (its keys are the prefix, the id and m, e, a or r),
+# its flags, its number of events, and (in this order, as the flags say)
+# status, headers and sse, first, the events, the body. The events are one
+# string, joined: each is one SSE event, ending at its only blank line
+# (``take_event``, ``split_events``), so the script cuts them there. (The
+# keys are not given as KEYS: a Redis Cluster cannot run it.)
 _HEAD, _FIRST, _BEAT, _DONE, _EVENTS_TTL, _DELETE = 1, 2, 4, 8, 16, 32
 _FLUSH = """
-local ttl, alive = ARGV[1], ARGV[2]
-local a, k = 3, 1
-while a <= #ARGV do
-  local flags, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  local m = KEYS[k]
-  local base = string.sub(m, 1, -2)
-  local e = base .. 'e'
-  a = a + 2
+local argv = cmsgpack.unpack(ARGV[1])
+local prefix, ttl, alive = argv[1], argv[2], argv[3]
+local a = 4
+while a <= #argv do
+  local base = prefix .. argv[a] .. ':'
+  local flags, n = argv[a + 1], argv[a + 2]
+  local m, e = base .. 'm', base .. 'e'
+  a = a + 3
   if bit.band(flags, 32) ~= 0 then
     redis.call('DEL', m, e, base .. 'a', base .. 'r')
   end
   if bit.band(flags, 1) ~= 0 then
-    redis.call('HSET', m, 'status', ARGV[a], 'headers', ARGV[a + 1], 'sse', ARGV[a + 2])
+    redis.call('HSET', m, 'status', argv[a], 'headers', argv[a + 1], 'sse', argv[a + 2])
     redis.call('EXPIRE', m, ttl)
     a = a + 3
   end
   if bit.band(flags, 2) ~= 0 then
-    redis.call('HSET', m, 'first', ARGV[a])
+    redis.call('HSET', m, 'first', argv[a])
     a = a + 1
   end
   if n > 0 then
-    local blob, at, batch, cut = ARGV[a], 1, {}, 0
+    local blob, at, batch, cut = argv[a], 1, {}, 0
     a = a + 1
     while at <= #blob do
       local blank = string.find(blob, '\\n\\n', at, true)
@@ -907,10 +911,9 @@ while a <= #ARGV do
     redis.call('SET', base .. 'a', '1', 'PX', alive)
   end
   if bit.band(flags, 8) ~= 0 then
-    redis.call('HSET', m, 'done', '1', 'body', ARGV[a])
+    redis.call('HSET', m, 'done', '1', 'body', argv[a])
     a = a + 1
   end
-  k = k + 1
 end
 return 1
 """
@@ -936,16 +939,14 @@ class _Mirror:
             self.dirty = True
             self.logs._poke()
 
-    def write(self, logs: RedisLogs, keys: list[str], args: list[Any], now: float) -> bool:
+    def write(self, logs: RedisLogs, args: list[Any], now: float) -> bool:
         """Add what changed to the round's script call (see ``_FLUSH``); True once
         the log's end is in it."""
         rlog = self.rlog
         self.dirty = False
-        rid = rlog.request_id
         done = rlog.done
-        keys.append(logs._k(rid, "m"))
-        at = len(args)
-        args.extend((0, 0))
+        at = len(args) + 1
+        args.extend((rlog.request_id, 0, 0))
         flags = 0
         if rlog.status is not None and not self.head:
             headers = orjson.dumps([[k.decode(), v.decode()] for k, v in rlog.headers])
