@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import statistics
@@ -221,6 +222,31 @@ def cpu_seconds_of(name: str) -> float:
             fields = text.rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def callgrind(module: str, *args: str) -> subprocess.Popen[str]:
+    """``python -m module args`` under valgrind's callgrind, started; its count with
+    ``instructions``. (``./dev bench`` installs valgrind for the benchmarks that
+    count.)"""
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        "-m",
+        module,
+        *args,
+    ]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def instructions(process: subprocess.Popen[str]) -> int:
+    """The instructions a ``callgrind`` run executed, once it ended."""
+    _, err = process.communicate()
+    found = re.search(r"Collected : (\d+)", err)
+    if process.returncode != 0 or found is None:
+        raise SystemExit(f"the run under valgrind failed:\n{err[-2000:]}")
+    return int(found.group(1))
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -51,7 +51,6 @@ import cProfile
 import itertools
 import json
 import pstats
-import re
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ import orjson
 import uvloop
 
 from bench.apis import asgi_post
-from bench.common import in_process
+from bench.common import callgrind, in_process, instructions
 from tokenwell.billing.keys import KeyFields
 
 CONFIG = """
@@ -167,30 +166,8 @@ async def _child(kind: str, requests: int, tokens: int, redis: bool) -> None:
 
 
 def _instructions(kind: str, requests: int, tokens: int, redis: bool) -> subprocess.Popen[str]:
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        "-m",
-        "bench.idempotency_cost",
-        "--child",
-        kind,
-        "--requests",
-        str(requests),
-        "--tokens",
-        str(tokens),
-        *(["--redis"] if redis else []),
-    ]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _collected(process: subprocess.Popen[str]) -> int:
-    _, err = process.communicate()
-    found = re.search(r"Collected : (\d+)", err)
-    if process.returncode != 0 or found is None:
-        raise SystemExit(f"the run under valgrind failed:\n{err[-2000:]}")
-    return int(found.group(1))
+    options = ["--child", kind, "--requests", str(requests), "--tokens", str(tokens)]
+    return callgrind("bench.idempotency_cost", *options, *(["--redis"] if redis else []))
 
 
 def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,7 +176,7 @@ def count_instructions(args: argparse.Namespace) -> dict[str, Any]:
     for kind in ("none", "keyed"):
         with_requests = _instructions(kind, args.requests, args.tokens, args.redis)
         without = _instructions(kind, 0, args.tokens, args.redis)
-        added = _collected(with_requests) - _collected(without)
+        added = instructions(with_requests) - instructions(without)
         per_request[kind] = added / args.requests
     none, keyed = per_request["none"], per_request["keyed"]
     return {

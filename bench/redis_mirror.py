@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import secrets
-import subprocess
-import sys
 
 import orjson
 import redis
 
+from bench.common import callgrind, instructions
 from tokenwell.server.requestlog import RedisLogs, RequestLog
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -83,25 +81,8 @@ def _evalsha(client: redis.Redis) -> tuple[int, int]:
 
 
 def _instructions(args: argparse.Namespace, n: int) -> int:
-    command = [
-        "valgrind",
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        "-m",
-        "bench.redis_mirror",
-        "--child",
-        str(n),
-        "--logs",
-        str(args.logs),
-        "--events",
-        str(args.events),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    found = re.search(r"Collected : (\d+)", done.stderr)
-    if done.returncode != 0 or found is None:
-        raise SystemExit(f"the run under valgrind failed:\n{done.stderr[-2000:]}")
-    return int(found.group(1))
+    options = ["--child", str(n), "--logs", str(args.logs), "--events", str(args.events)]
+    return instructions(callgrind("bench.redis_mirror", *options))
 
 
 def main() -> None:
